@@ -1,0 +1,124 @@
+"""Every torch.ops.vitq op: its Python entry point, its fake (meta) implementation, and
+its CUDA dispatch.  Schemas live in csrc/ops.cpp; semantics in reference.py.
+
+CUDA backend choice: ``VITQ_BACKEND=triton`` (default) or ``VITQ_BACKEND=cuda`` in the
+environment, or ``set_backend(...)`` at run time.  CPU tensors always run the C++ kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _C  # noqa: F401  (loads the schemas and the C++ CPU kernels)
+
+__all__ = ["pack_int4", "unpack_int4", "per_token_quantize", "qgemm", "set_backend", "get_backend"]
+
+_BACKENDS = ("triton", "cuda")
+_backend = os.environ.get("VITQ_BACKEND", "triton")
+if _backend not in _BACKENDS:
+    raise ValueError(f"VITQ_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernels behind CUDA tensors: 'triton' or 'cuda' (C++/CUDA)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "cuda" and not has_cuda_kernels():
+        raise RuntimeError("vitq_kernels._C was built without CUDA kernels (VITQ_SKIP_CUDA or no nvcc)")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("vitq::qgemm_cuda", "CUDA") \
+        if hasattr(torch.ops.vitq, "qgemm_cuda") else False
+
+
+# ---------------------------------------------------------------------------
+# Python entry points (thin: defaults and docs; the ops validate their inputs)
+# ---------------------------------------------------------------------------
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7], [..., K] with K even -> uint8 [..., K/2] (low nibble first)."""
+    return torch.ops.vitq.pack_int4(codes)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] -> int8 [..., K]."""
+    return torch.ops.vitq.unpack_int4(packed)
+
+
+def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, max_outliers=0):
+    """Per-token asymmetric quantization with optional outlier split; see reference.per_token_quantize."""
+    return torch.ops.vitq.per_token_quantize(x, bits, scale, zero, outlier_threshold, max_outliers)
+
+
+def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None, outlier_idx=None,
+          outlier_val=None, a_bits=8, w_bits=8, out_dtype=torch.float16):
+    """Quantized GEMM with fused dequant and outlier epilogue; see reference.qgemm."""
+    return torch.ops.vitq.qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias,
+                                outlier_idx, outlier_val, a_bits, w_bits, out_dtype)
+
+
+# ---------------------------------------------------------------------------
+# fakes: shapes and dtypes only
+# ---------------------------------------------------------------------------
+def _fake_pack_int4(codes):
+    torch._check(codes.shape[-1] % 2 == 0, lambda: "pack_int4 needs an even last dimension")
+    return codes.new_empty((*codes.shape[:-1], codes.shape[-1] // 2), dtype=torch.uint8)
+
+
+def _fake_unpack_int4(packed):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8)
+
+
+def _fake_per_token_quantize(x, bits, scale, zero, outlier_threshold, max_outliers):
+    M, K = x.shape
+    codes = x.new_empty((M, K // 2) if bits == 4 else (M, K), dtype=torch.uint8 if bits == 4 else torch.int8)
+    return (codes, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.int32),
+            x.new_empty(M, dtype=torch.int32), x.new_empty((M, max_outliers), dtype=torch.int32),
+            x.new_empty((M, max_outliers), dtype=torch.float32), x.new_empty(M, dtype=torch.int32))
+
+
+def _fake_qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, outlier_idx, outlier_val,
+                a_bits, w_bits, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+_FAKES = {
+    "pack_int4": _fake_pack_int4,
+    "unpack_int4": _fake_unpack_int4,
+    "per_token_quantize": _fake_per_token_quantize,
+    "qgemm": _fake_qgemm,
+}
+
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"vitq::{_name}")(_fake)
+    if hasattr(torch.ops.vitq, f"{_name}_cuda"):
+        torch.library.register_fake(f"vitq::{_name}_cuda")(_fake)
+
+
+# ---------------------------------------------------------------------------
+# CUDA dispatch: Triton or the CUDA C++ kernels
+# ---------------------------------------------------------------------------
+def _triton_impl(name):
+    from . import triton_kernels
+    return getattr(triton_kernels, name)
+
+
+def _make_cuda_dispatch(name):
+    def dispatch(*args):
+        if _backend == "cuda":
+            return getattr(torch.ops.vitq, f"{name}_cuda")(*args)
+        return _triton_impl(name)(*args)
+    dispatch.__name__ = f"{name}_cuda_dispatch"
+    return dispatch
+
+
+_cuda_lib = torch.library.Library("vitq", "IMPL")
+for _name in _FAKES:
+    _cuda_lib.impl(_name, _make_cuda_dispatch(_name), "CUDA")
