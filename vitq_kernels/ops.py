@@ -3,6 +3,10 @@ its CUDA dispatch.  Schemas live in csrc/ops.cpp; semantics in reference.py.
 
 CUDA backend choice: ``VITQ_BACKEND=triton`` (default) or ``VITQ_BACKEND=cuda`` in the
 environment, or ``set_backend(...)`` at run time.  CPU tensors always run the C++ kernels.
+
+To add an op: its schema in csrc/ops.cpp, its reference in reference.py, a fake in _FAKES
+below, a C++ CPU kernel (csrc/cpu/), a Triton launcher exported from triton_kernels/ under
+the op's name with the op's positional signature, and optionally ``<op>_cuda`` in csrc/cuda/.
 """
 from __future__ import annotations
 
@@ -112,7 +116,8 @@ def _triton_impl(name):
 
 def _make_cuda_dispatch(name):
     def dispatch(*args):
-        if _backend == "cuda":
+        # ops without a CUDA C++ version run Triton under either backend
+        if _backend == "cuda" and hasattr(torch.ops.vitq, f"{name}_cuda"):
             return getattr(torch.ops.vitq, f"{name}_cuda")(*args)
         return _triton_impl(name)(*args)
     dispatch.__name__ = f"{name}_cuda_dispatch"
