@@ -17,6 +17,8 @@ import torch
 from . import _C  # noqa: F401  (loads the schemas and the C++ CPU kernels)
 
 __all__ = ["pack_int4", "unpack_int4", "per_token_quantize", "qgemm", "set_backend", "get_backend"]
+__all__ += ["log2_attention"]
+__all__ += ["layernorm_quantize", "qgemm_gelu_shiftlog2", "shiftlog2_qgemm"]
 
 _BACKENDS = ("triton", "cuda")
 _backend = os.environ.get("VITQ_BACKEND", "triton")
@@ -68,6 +70,46 @@ def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None,
                                 outlier_idx, outlier_val, a_bits, w_bits, out_dtype)
 
 
+def log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale=None, bias=None,
+                   p_bits=4, substeps=0, out_scale=None, out_zero=None, out_bits=8, out_dtype=torch.float16):
+    """Attention on int8 q/k/v codes [B, H, N, D] with log2-quantized probabilities, one fused
+    kernel; returns [B, N, H, D] (token-major, proj-ready) in out_dtype, or static per-tensor
+    output codes when out_scale/out_zero are given.  sm_scale defaults to D^-0.5.  See
+    reference.log2_attention.  On CUDA, scale/zero/bias *values* are not checked (that would
+    need a host sync); the CPU kernel checks them.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return torch.ops.vitq.log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero,
+                                         float(sm_scale), bias, p_bits, substeps, out_scale, out_zero,
+                                         out_bits, out_dtype)
+
+
+def layernorm_quantize(x, weight, bias, eps=1e-6, bits=8, scale=None, zero=None, outlier_threshold=None,
+                       max_outliers=0):
+    """LayerNorm -> per-token codes (+ POQ outliers) in one pass; the 7 outputs of
+    per_token_quantize.  See reference.layernorm_quantize (and its LayerNorm contract)."""
+    return torch.ops.vitq.layernorm_quantize(x, weight, bias, float(eps), bits, scale, zero, outlier_threshold,
+                                             max_outliers)
+
+
+def qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None, outlier_idx=None,
+                         outlier_val=None, a_bits=8, w_bits=8, shift=-0.17, out_scale=1.0, out_bits=4, substeps=0):
+    """fc1: qgemm -> exact GELU -> Shift-Log2 codes, uint8 [M, N] one code per byte; the fp32
+    activation is never written (on GPU).  See reference.qgemm_gelu_shiftlog2."""
+    return torch.ops.vitq.qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias,
+                                               outlier_idx, outlier_val, a_bits, w_bits, float(shift),
+                                               float(out_scale), out_bits, substeps)
+
+
+def shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero=None, bias=None, w_bits=8,
+                    out_dtype=torch.float16):
+    """fc2 on Shift-Log2 codes: sw_j s_a sum_k 2^(-c/2^m) (w - zw) + bias_j, the shift already
+    folded into bias (reference.fold_shift_into_bias).  See reference.shiftlog2_qgemm."""
+    return torch.ops.vitq.shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero, bias, w_bits,
+                                          out_dtype)
+
+
 # ---------------------------------------------------------------------------
 # fakes: shapes and dtypes only
 # ---------------------------------------------------------------------------
@@ -93,11 +135,38 @@ def _fake_qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
+def _fake_log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, p_bits,
+                         substeps, out_scale, out_zero, out_bits, out_dtype):
+    B, H, N, D = q.shape
+    if out_scale is None:
+        return q.new_empty((B, N, H, D), dtype=out_dtype)
+    if out_bits == 4:
+        return q.new_empty((B, N, H, D // 2), dtype=torch.uint8)
+    return q.new_empty((B, N, H, D), dtype=torch.int8)
+
+
+def _fake_layernorm_quantize(x, weight, bias, eps, bits, scale, zero, outlier_threshold, max_outliers):
+    return _fake_per_token_quantize(x, bits, scale, zero, outlier_threshold, max_outliers)
+
+
+def _fake_qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, outlier_idx,
+                               outlier_val, a_bits, w_bits, shift, out_scale, out_bits, substeps):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=torch.uint8)
+
+
+def _fake_shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero, bias, w_bits, out_dtype):
+    return codes.new_empty((codes.shape[0], w.shape[0]), dtype=out_dtype)
+
+
 _FAKES = {
     "pack_int4": _fake_pack_int4,
     "unpack_int4": _fake_unpack_int4,
     "per_token_quantize": _fake_per_token_quantize,
     "qgemm": _fake_qgemm,
+    "log2_attention": _fake_log2_attention,
+    "layernorm_quantize": _fake_layernorm_quantize,
+    "qgemm_gelu_shiftlog2": _fake_qgemm_gelu_shiftlog2,
+    "shiftlog2_qgemm": _fake_shiftlog2_qgemm,
 }
 
 for _name, _fake in _FAKES.items():

@@ -411,3 +411,456 @@ def shift_log2_dequantize(codes: torch.Tensor, bits: int, shift: float, scale: f
                           substeps: int = 0) -> torch.Tensor:
     """eq. 24: s * 2^(-c) + shift."""
     return log2_dequantize(codes, bits, scale, substeps, zero_code=False) + float(shift)
+
+
+# ---------------------------------------------------------------------------
+# log2_attention: quantized attention with the log2 post-softmax quantizer (sec. 4.1)
+# ---------------------------------------------------------------------------
+# Inputs.  q, k, v: int8 signed codes [B, H, N, D] of per-tensor (the paper's setting) or
+# per-head asymmetric uniform quantizers, dequantized as s * (c - z).  Any strides are
+# accepted except that the last dimension must be contiguous (so q/k/v can be views into
+# the qkv projection output).  A b-bit quantizer (b <= 8) stores one code per int8; 4-bit
+# codes are not packed here.  scale: fp32 [1] or [H]; zero: int32 of the same length, in the
+# signed domain [-128, 127].  1 <= D <= 256.
+#
+# Logits, from an exact integer product:
+#     acc_ij = sum_d (q_id - zq)(k_jd - zk)        int32; |acc| <= 255^2 D < 2^24 for D <= 256,
+#                                                   so float(acc) is exact
+#     alpha  = (f32(sm_scale) * sq) * sk            fp32, in this order (per head if per-head)
+#     t_ij   = alpha * float(acc_ij)  [+ bias_ij]   fp32, two separate roundings (no FMA)
+# bias (optional): fp32, contiguous, [Bb, Hb, N, N] with Hb in {1, H} and B % Bb == 0; batch
+# item b uses bias[b % Bb].  For Swin, x is [images * nW, N, C] with window index b % nW:
+# pass rel_pos_bias[None] + shift_mask[:, None] as [nW, H, N, N] (or rel_pos_bias[None]
+# alone for unshifted blocks).  Masks must be finite (Swin's -100 is); -inf is rejected.
+#
+# Softmax, in fp32:
+#     m_i = max_j t_ij,   e_ij = exp(t_ij - m_i)
+#     L_i = sum_j trunc(e_ij * 2^40)                int64, exact
+#     l_i = float(L_i) * 2^-40,  r_i = 1 / l_i      (IEEE division),   P_ij = e_ij * r_i
+# The row sum is taken in 40-bit fixed point so that it does not depend on summation order:
+# the one-block and two-pass kernels, the CPU kernel and this reference then get the same l
+# from the same e.  l >= 1 (the row max contributes exp(0) = 1) and the truncation loses
+# at most N * 2^-40 <= 2^-28 (N <= 4096) of it, below fp32 resolution; L < 2^63 for N < 2^23.
+# The whole row is normalised before P is quantized (long rows need a statistics pass).
+#
+# P codes: c_ij = log2_quantize(P_ij, p_bits, 1.0, substeps, zero_code=True), exact from the
+# fp32 bits of P.  The top code Z = 2^b - 1 means P^ = 0: every P whose exact code would be
+# >= Z (and every subnormal P) contributes nothing.  We chose zero over clamping to the
+# smallest power because clamping would give each of the many tiny probabilities of a long
+# row the weight 2^-(Z-1) (4 bits, 4096 tokens: up to 4096 * 2^-14 = 0.25 of extra mass).
+# substeps m = 0 is the paper's base-2 quantizer, m = 1 the base-sqrt(2) variant.
+#
+# Output.  With Vh_jd = v_jd - zv and one plane per mantissa class r = c mod 2^m:
+#     X_r,id = sum_{j: c_ij < Z, c_ij mod 2^m = r} 2^-(c_ij >> m) * Vh_jd     (exact; float64 here)
+#     o_id   = f32(X_0)                              (m = 0)
+#     o_id   = f32(X_0) + mu * f32(X_1)              (m = 1; mu = LOG_MANTISSAS[1][1], fp32 ops)
+#     y_id   = sv * o_id                             fp32
+# so P^ V needs only powers of two (exponent-field construction) and exact products.
+# Exactness: P^ <= 2^(1/2^(m+1)) P, and sum_j P_ij <= 1 + 2^-20, so every partial sum of
+# plane r is a multiple of 2^-E with magnitude < 2^9, where E = (Z - 1) >> m.  When
+# E <= 15 (p_bits <= 4 for m = 0, <= 5 for m = 1) all partial sums are exact fp32 numbers:
+# a kernel accumulating in fp32 in any order (tensor cores included: nothing is ever
+# rounded) gets X exactly, and y is bit-exact.  For larger E a kernel's fp32 accumulation
+# is within N * 2^-24 * sum_j 2^-(c_ij >> m) |Vh_jd| of X (standard summation bound).
+#
+# Layout and output formats.  The output is token-major [B, N, H, D] (contiguous), so
+# out.view(B * N, H * D) is the proj GEMM's input without a transpose.  With out_scale is
+# None it is y cast to out_dtype.  With a static per-tensor out_scale (fp32 [1]) and
+# out_zero (int32 [1]) it is per_token_quantize(y.view(B*N, H*D), out_bits, out_scale,
+# out_zero)[0] reshaped: int8 [B, N, H, D] (8 bit) or packed uint8 [B, N, H, D/2] (4 bit, D
+# even).  Those codes, with out_scale/out_zero expanded to B*N rows, are qgemm's a, a_scale,
+# a_zero (a_rowsum = codes.sum(-1), needed only for weights with zero points).
+#
+# Tolerance (the one inexact step is exp).  Implementations use different exp: torch's here,
+# std::exp in the CPU kernel, np.exp under the Triton interpreter, ex2.approx on NVIDIA GPUs.
+# A different e moves P by a few ulps and so flips a code only where P lies within those
+# ulps of a code boundary (a LOG_MANTISSA_THRESHOLDS entry, or the normal/subnormal edge).
+# Tests therefore require every output element to equal this reference bit for bit, except
+# in rows with a reference P within W ulps of a boundary, where the difference is bounded
+# by what those flips can do (see log2_attention_flip_bound).  W = 8 for the CPU kernel and
+# the interpreter (exp within 1-2 ulps, then l and the product), W = 64 on a GPU (rounding
+# of x * log2(e) with |x log2 e| < 128 costs up to ~22 ulps in e, then l and P).
+
+ATTN_MAX_HEAD_DIM = 256
+ATTN_FIXED_POINT_BITS = 40
+ATTN_SUBSTEPS = (0, 1)
+
+
+def _attn_scale_zero(what: str, scale: torch.Tensor, zero: torch.Tensor, H: int, device) -> None:
+    if not isinstance(scale, torch.Tensor) or not isinstance(zero, torch.Tensor):
+        raise TypeError(f"log2_attention: {what}_scale and {what}_zero must be tensors")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"log2_attention: {what}_scale must be float32, got {scale.dtype}")
+    if zero.dtype != torch.int32:
+        raise TypeError(f"log2_attention: {what}_zero must be int32, got {zero.dtype}")
+    if scale.dim() != 1 or scale.shape[0] not in (1, H) or zero.shape != scale.shape:
+        raise ValueError(f"log2_attention: {what}_scale/{what}_zero must both have shape [1] (per tensor) "
+                         f"or [{H}] (per head), got {tuple(scale.shape)} and {tuple(zero.shape)}")
+    if scale.device != device or zero.device != device:
+        raise ValueError(f"log2_attention: {what}_scale/{what}_zero must be on {device}")
+
+
+def check_log2_attention_meta(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias,
+                              p_bits, substeps, out_scale, out_zero, out_bits, out_dtype) -> None:
+    """Shape/dtype/device/argument checks (no data reads, so no host sync on a GPU)."""
+    import math
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != torch.int8:
+            raise TypeError(f"log2_attention: {name} must be int8 codes, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"log2_attention: {name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"log2_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, N, D = q.shape
+    if not 1 <= D <= ATTN_MAX_HEAD_DIM:
+        raise ValueError(f"log2_attention: head dim D={D} must be in [1, {ATTN_MAX_HEAD_DIM}]")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"log2_attention: {name} must have a contiguous last dimension (stride 1), "
+                             f"got strides {t.stride()}")
+        if t.device != q.device:
+            raise ValueError(f"log2_attention: {name} is on {t.device} but q is on {q.device}")
+    for what, s, z in (("q", q_scale, q_zero), ("k", k_scale, k_zero), ("v", v_scale, v_zero)):
+        _attn_scale_zero(what, s, z, H, q.device)
+    if not math.isfinite(float(sm_scale)) or not math.isfinite(float(torch.tensor(sm_scale, dtype=torch.float32))):
+        raise ValueError(f"log2_attention: sm_scale must be finite in fp32, got {sm_scale}")
+    if not 1 <= p_bits <= 8:
+        raise ValueError(f"log2_attention: p_bits must be in 1..8, got {p_bits}")
+    if substeps not in ATTN_SUBSTEPS:
+        raise ValueError(f"log2_attention: substeps must be one of {ATTN_SUBSTEPS}, got {substeps}")
+    if bias is not None:
+        if bias.dtype != torch.float32:
+            raise TypeError(f"log2_attention: bias must be float32, got {bias.dtype}")
+        if (bias.dim() != 4 or bias.shape[2:] != (N, N) or bias.shape[1] not in (1, H)
+                or bias.shape[0] == 0 or B % bias.shape[0]):
+            raise ValueError(f"log2_attention: bias must be [Bb, 1 or {H}, {N}, {N}] with B={B} a multiple of "
+                             f"Bb, got {tuple(bias.shape)}")
+        if not bias.is_contiguous():
+            raise ValueError("log2_attention: bias must be contiguous (call .contiguous(); broadcast over "
+                             "batch or heads with a size-1 dimension instead of expand)")
+        if bias.device != q.device:
+            raise ValueError(f"log2_attention: bias is on {bias.device} but q is on {q.device}")
+    if (out_scale is None) != (out_zero is None):
+        raise ValueError("log2_attention: out_scale and out_zero must be given together")
+    if out_scale is not None:
+        if out_bits not in ACT_BITS:
+            raise ValueError(f"log2_attention: out_bits must be one of {ACT_BITS}, got {out_bits}")
+        if out_scale.dtype != torch.float32 or out_zero.dtype != torch.int32:
+            raise TypeError("log2_attention: out_scale must be float32 and out_zero int32")
+        if out_scale.shape != (1,) or out_zero.shape != (1,):
+            raise ValueError("log2_attention: out_scale/out_zero must have shape [1] (static per-tensor), got "
+                             f"{tuple(out_scale.shape)} and {tuple(out_zero.shape)}")
+        if out_scale.device != q.device or out_zero.device != q.device:
+            raise ValueError(f"log2_attention: out_scale/out_zero must be on {q.device}")
+        if out_bits == 4 and D % 2:
+            raise ValueError(f"log2_attention: 4-bit output codes are packed in pairs along D; D={D} is odd")
+    elif out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"log2_attention: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+
+
+def check_log2_attention_values(q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, bias, out_scale,
+                                out_zero, out_bits) -> None:
+    """Value checks (read the data): finite positive scales, zero points in range, finite bias."""
+    for what, s, z in (("q", q_scale, q_zero), ("k", k_scale, k_zero), ("v", v_scale, v_zero)):
+        if not bool((torch.isfinite(s) & (s > 0)).all()):
+            raise ValueError(f"log2_attention: {what}_scale must be finite and > 0")
+        if bool(((z < -128) | (z > 127)).any()):
+            raise ValueError(f"log2_attention: {what}_zero must lie in [-128, 127]")
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        raise ValueError("log2_attention: bias contains NaN or Inf (use a large finite negative value, "
+                         "e.g. -100 as Swin does, to mask)")
+    if out_scale is not None:
+        half = 1 << (out_bits - 1)
+        if not bool((torch.isfinite(out_scale) & (out_scale > 0)).all()):
+            raise ValueError("log2_attention: out_scale must be finite and > 0")
+        if bool(((out_zero < -half) | (out_zero > half - 1)).any()):
+            raise ValueError(f"log2_attention: out_zero must lie in [{-half}, {half - 1}]")
+
+
+def _per_head(x: torch.Tensor, H: int) -> torch.Tensor:
+    return x.reshape(-1).expand(H)
+
+
+def log2_attention_probs(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias=None) -> torch.Tensor:
+    """P (fp32 [B, H, N, N]) of log2_attention: exact logits, fp32 softmax with the fixed-point sum."""
+    B, H, N, D = q.shape
+    zq = _per_head(q_zero, H).double()[None, :, None, None]
+    zk = _per_head(k_zero, H).double()[None, :, None, None]
+    # float64 products and sums of integers below 2^53 are exact, in any order
+    acc = (q.double() - zq) @ (k.double() - zk).transpose(-1, -2)
+    alpha = (torch.tensor(sm_scale, dtype=torch.float32) * _per_head(q_scale, H).float().cpu()) \
+        * _per_head(k_scale, H).float().cpu()
+    t = acc.float() * alpha.to(q.device)[None, :, None, None]
+    if bias is not None:
+        t = t + bias.float().repeat(B // bias.shape[0], 1, 1, 1)
+    m = t.amax(dim=-1, keepdim=True)
+    e = torch.exp(t - m)
+    fixed = float(1 << ATTN_FIXED_POINT_BITS)
+    L = (e * fixed).to(torch.int64).sum(dim=-1, keepdim=True)
+    l = L.float() * (1.0 / fixed)
+    r = torch.div(torch.ones_like(l), l)
+    return e * r
+
+
+def log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale: float,
+                   bias=None, p_bits: int = 4, substeps: int = 0, out_scale=None, out_zero=None,
+                   out_bits: int = 8, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Quantized attention with log2-coded probabilities; see the section comment above.
+
+    Returns [B, N, H, D] in out_dtype, or output codes (int8 [B, N, H, D] / packed uint8
+    [B, N, H, D/2]) when out_scale/out_zero are given.
+    """
+    check_log2_attention_meta(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias,
+                              p_bits, substeps, out_scale, out_zero, out_bits, out_dtype)
+    check_log2_attention_values(q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, bias, out_scale,
+                                out_zero, out_bits)
+    B, H, N, D = q.shape
+    if q.numel() == 0:
+        if out_scale is None:
+            return torch.empty(B, N, H, D, dtype=out_dtype, device=q.device)
+        return torch.empty(B, N, H, D // 2 if out_bits == 4 else D,
+                           dtype=torch.uint8 if out_bits == 4 else torch.int8, device=q.device)
+    P = log2_attention_probs(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias)
+    codes = log2_quantize(P, p_bits, 1.0, substeps, zero_code=True).to(torch.int64)
+    keep = codes < (1 << p_bits) - 1
+    vh = v.double() - _per_head(v_zero, H).double()[None, :, None, None]
+    planes = []
+    for r in range(1 << substeps):
+        sel = keep & ((codes & ((1 << substeps) - 1)) == r)
+        val = torch.where(sel, torch.exp2(-(codes >> substeps).double()), torch.zeros((), dtype=torch.float64))
+        planes.append((val @ vh).float())
+    o = planes[0]
+    if substeps == 1:
+        o = o + torch.tensor(LOG_MANTISSAS[1][1], dtype=torch.float32) * planes[1]
+    y = _per_head(v_scale, H).float()[None, :, None, None] * o
+    y = y.permute(0, 2, 1, 3).contiguous()
+    if out_scale is None:
+        return y.to(out_dtype)
+    oc = per_token_quantize(y.reshape(B * N, H * D), out_bits, out_scale, out_zero)[0]
+    return oc.reshape(B, N, H, -1)
+
+
+def log2_attention_flip_bound(P, v, v_scale, v_zero, p_bits: int, substeps: int, window_ulps: int):
+    """Per-output-element bound on what code flips near boundaries can change, [B, N, H, D] float64.
+
+    A reference P whose mantissa lies within ``window_ulps`` of a code threshold (or of the
+    normal/subnormal edge) may get the neighbouring code in another implementation; that
+    moves P^ by at most the larger neighbour's value.  Elements of rows without such a P get
+    bound 0 (they must match exactly).  Also returns the count of near-boundary entries.
+    """
+    B, H, N, D = v.shape
+    bits = P.float().contiguous().view(torch.int32).to(torch.int64)
+    ex = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    # the normal/subnormal edge (2^-126), from either side
+    near = ((ex == 1) & (mant <= window_ulps)) | ((ex == 0) & (mant >= (1 << 23) - window_ulps))
+    for t in LOG_MANTISSA_THRESHOLDS[substeps]:
+        near |= (mant - t).abs() <= window_ulps
+    top = (1 << p_bits) - 1
+    c = log_code_unclamped(P, substeps).clamp(0, top)
+    # the larger neighbour: code c - 1 (or top - 1 when the reference code is zero)
+    nb = (torch.minimum(c, torch.full_like(c, top - 1)) - 1).clamp(min=0)
+    step = torch.where(near, log_decode(nb, substeps).double(), torch.zeros((), dtype=torch.float64))
+    vh = (v.double() - _per_head(v_zero, H).double()[None, :, None, None]).abs()
+    bound = (step @ vh) * _per_head(v_scale, H).double()[None, :, None, None]
+    return bound.permute(0, 2, 1, 3), int(near.sum())
+
+
+# ---------------------------------------------------------------------------
+# fused producers and consumers of activation codes (issue 3A)
+#   layernorm_quantize    LayerNorm -> per-token codes + POQ outliers   (qkv / fc1 input)
+#   qgemm_gelu_shiftlog2  fc1 qgemm -> exact GELU -> Shift-Log2 codes   (fc2 input)
+#   shiftlog2_qgemm       fc2 GEMM that decodes Shift-Log2 codes
+# ---------------------------------------------------------------------------
+# min_x x * Phi(x), at x = -0.75179152469...; a static Shift-Log2 shift is GELU_MIN - eps
+GELU_MIN = -0.16997120747990366
+
+
+def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, bits: int,
+                       scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                       outlier_threshold: float | None = None, max_outliers: int = 0):
+    """LayerNorm over the last dimension, then per_token_quantize (same 7 outputs).
+
+        y_ik = (x_ik - mu_i) / sqrt(var_i + eps) * weight_k + bias_k      (biased variance)
+        outputs = per_token_quantize(y, bits, scale, zero, outlier_threshold, max_outliers)
+
+    Here y is torch's fp32 layer_norm.  A kernel computes its own fp32 LayerNorm y' (its
+    reductions run in another order), so it cannot match y bit for bit.  The contract:
+      (1) the kernel's outputs are exactly per_token_quantize(y'), bit for bit;
+      (2) |y' - y64| <= layernorm_error_bound(...) elementwise, y64 the float64 LayerNorm.
+    Consequently codes, zero points and outlier masks can differ from this function's only
+    where y/s (or -lo/s, or |y| vs the threshold) lies within that bound of a rounding
+    boundary, and then by one step; tests check (1) and (2) separately.
+    x: fp16/bf16/fp32 [M, K]; weight, bias: float [K]; eps finite and > 0.
+    Non-finite x, or a LayerNorm that overflows fp32, is an error.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a float tensor, got {x.dtype}")
+    K = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+        if tuple(t.shape) != (K,):
+            raise ValueError(f"{name} must have shape [{K}], got {tuple(t.shape)}")
+    if not (eps > 0 and eps < float("inf")):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    check_finite(x)
+    y = torch.nn.functional.layer_norm(x.float(), (K,), weight.float(), bias.float(), float(eps))
+    check_finite(y, "LayerNorm(x)")
+    return per_token_quantize(y, bits, scale, zero, outlier_threshold, max_outliers)
+
+
+def layernorm_error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(y64, tol): the float64 LayerNorm and the error every fp32 implementation must meet.
+
+    fp32 LayerNorm error, with u = 2^-24, sigma = sqrt(var + eps), z = (x - mu) / sigma:
+      the mean's rounding error is at most g * mean|x| <= g * (|mu| + sigma), the variance's
+      relative error at most g, where g covers an fp32 sum of K terms (tree sums: ~log2(K) u;
+      sequential: ~sqrt(K) u in practice).  Through y = w (x - mu) / sigma + b this gives
+          |y' - y64| <= |w| g (1 + |mu| / sigma + |z|) + 2u |y64|.
+    g = 2^-18 (64 u) covers K up to 2^16 with a tree sum and leaves room for the last-place
+    differences of rsqrt / division.  The |mu| / sigma term is the cancellation in x - mu for
+    rows with a large offset: there fp32 itself cannot do better.
+    """
+    xd = x.double()
+    K = x.shape[1]
+    mu = xd.mean(dim=1, keepdim=True)
+    sigma = torch.sqrt(((xd - mu) ** 2).mean(dim=1, keepdim=True) + eps)
+    z = (xd - mu) / sigma
+    y64 = z * weight.double() + bias.double()
+    g = 2.0 ** -18
+    tol = weight.double().abs() * g * (1 + mu.abs() / sigma + z.abs()) + 2.0 ** -23 * y64.abs()
+    if K == 0:
+        tol = y64
+    return y64, tol
+
+
+def shift_log2_codes(g: torch.Tensor, bits: int, shift: float, scale: float, substeps: int = 0) -> torch.Tensor:
+    """Shift-Log2 codes with a static shift and scale, defined for every fp32 input.
+
+        v = fp32(g - shift),  y = fp32(v / scale)     (shift, scale rounded to fp32 first)
+        c = clamp(round(-2^m log2 y), 0, 2^b - 1)      exact, from y's bits (log_code_unclamped)
+
+    Values at or below the shift (y <= 0), NaN and subnormal y take the top code 2^b - 1;
+    +Inf takes 0.  For finite g this equals shift_log2_quantize (which rejects non-finite g);
+    here no input is rejected because the GEMM kernels that produce g never sync to check.
+    Returns uint8 codes, one per byte.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"out_bits must be in 1..8, got {bits}")
+    if substeps not in LOG_SUBSTEPS:
+        raise ValueError(f"substeps must be one of {LOG_SUBSTEPS}, got {substeps}")
+    _check_shift_scale(shift, scale)
+    s32 = torch.tensor(shift, dtype=torch.float32)
+    d32 = torch.tensor(scale, dtype=torch.float32)
+    y = (g.float() - s32) / d32
+    return log_code_unclamped(y, substeps).clamp(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def _check_shift_scale(shift: float, scale: float) -> None:
+    import math
+    if not math.isfinite(shift):
+        raise ValueError(f"shift must be finite, got {shift}")
+    s32 = float(torch.tensor(scale, dtype=torch.float32))
+    if not (math.isfinite(s32) and s32 > 0):
+        raise ValueError(f"out_scale must be finite and > 0 in fp32, got {scale}")
+
+
+def qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, outlier_idx,
+                         outlier_val, a_bits: int, w_bits: int, shift: float, out_scale: float, out_bits: int,
+                         substeps: int = 0) -> torch.Tensor:
+    """fc1 with GELU and Shift-Log2 encoding in its epilogue (eq. 21-23): uint8 codes [M, N].
+
+        h = qgemm(..., out_dtype=float32)           the fp32 value before any output cast
+        g = GELU(h) = h * Phi(h)                     exact erf form, fp32 (torch's gelu)
+        c = shift_log2_codes(g, out_bits, shift, out_scale, substeps)
+
+    One code per byte (not nibble-packed): the fc2 decode GEMM is compute-bound, so packing
+    4-bit codes would save traffic that is not the bottleneck, and 5..8-bit codes fit as is.
+    The fp32 h/g are never written by the kernels.  Kernels' erf differs from torch's in the
+    last places (torch's own CPU GELU is off by up to ~2.6e-7 absolute where 1 + erf cancels,
+    h < 0): a kernel's code may differ from this function's only where a value within
+    2^-20 (1 + |g|) of the exact GELU(h) would take another code (tests check exactly that).
+    """
+    h = qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, outlier_idx, outlier_val,
+              a_bits, w_bits, torch.float32)
+    g = torch.nn.functional.gelu(h)
+    return shift_log2_codes(g, out_bits, shift, out_scale, substeps)
+
+
+def shiftlog2_sum_is_exact(bits: int, substeps: int, K: int) -> bool:
+    """True when S = sum_k 2^(-c_k / 2^m) (w_k - zw), summed in float64, is exact.
+
+    With e = c >> m <= e_max = (2^b - 1) >> m and d = 2^-e * M_r (M_0 = 1; M_r, r > 0, an fp32
+    in (0.5, 1) with quantum 2^-24), every product d (w - zw) is exact in float64 and a
+    multiple of q = 2^-e_max (m = 0) or 2^(-e_max - 24) (m > 0); |w - zw| <= 255, so every
+    partial sum is a multiple of q below 255 K, which float64 holds exactly while
+    255 K / q <= 2^53.  E.g. b = 4: m = 0 for any K < 2^30, m = 1 for K <= 16448.
+    """
+    e_max = ((1 << bits) - 1) >> substeps
+    frac_bits = e_max + (24 if substeps else 0)
+    return 255 * K * 2.0 ** frac_bits <= 2.0 ** 53
+
+
+def shiftlog2_qgemm(codes: torch.Tensor, bits: int, substeps: int, act_scale: torch.Tensor, w: torch.Tensor,
+                    w_scale: torch.Tensor, w_zero: torch.Tensor | None, bias: torch.Tensor | None, w_bits: int,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fc2 on Shift-Log2 codes (eq. 24 folded into the GEMM): Y [M, N] in out_dtype.
+
+        S_ij = sum_k 2^(-c_ik / 2^m) (w_jk - zw_j)        2^(-c/2^m) = log_decode(c, m)
+        y_ij = fp32(sw_j * fp32(s_a * fp32(S_ij))) + bias_j
+
+    The shift term (m - eps) sum_k W^_jk of eq. 24 is input-independent and belongs in the
+    bias: pass fold_shift_into_bias(...) as ``bias``.  codes: uint8 [M, K], one code per byte,
+    of which only the low ``bits`` bits are read.  act_scale: fp32 tensor with one element
+    (the static per-tensor s).  w: int8 [N, K] or packed int4 uint8 [N, K/2] (w_bits 8 / 4).
+
+    Exactness: S is computed in float64 and rounded once to fp32; that is the exact S
+    rounded once whenever shiftlog2_sum_is_exact(bits, substeps, K).  Kernels that form
+    S exactly (integer planes, see the Triton kernel) are then bit-identical to this
+    function; kernels that accumulate in fp32 are held to the accumulation bound
+    (K + 1) 2^-24 sum_k |2^(-c/2^m) (w - zw)| on S.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if substeps not in LOG_SUBSTEPS:
+        raise ValueError(f"substeps must be one of {LOG_SUBSTEPS}, got {substeps}")
+    check_bits(w_bits, ACT_BITS, "w_bits")
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise TypeError(f"codes must be uint8 [M, K], got {codes.dtype} {tuple(codes.shape)}")
+    if act_scale.numel() != 1:
+        raise ValueError(f"act_scale must have exactly one element, got shape {tuple(act_scale.shape)}")
+    wc = unpack_int4(w) if w_bits == 4 else w
+    if wc.dtype != torch.int8:
+        raise TypeError("w must be int8 (8 bit) or packed uint8 (4 bit)")
+    if wc.shape[1] != codes.shape[1]:
+        raise ValueError(f"K mismatch: codes have {codes.shape[1]}, weights {wc.shape[1]}")
+    c = codes.to(torch.int32) & ((1 << bits) - 1)
+    d = log_decode(c, substeps).double()
+    wz = wc.to(torch.int32) - (w_zero.to(torch.int32)[:, None] if w_zero is not None else 0)
+    S = (d @ wz.double().T).float()
+    y = w_scale.float()[None, :] * (act_scale.float().reshape(()) * S)
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(out_dtype)
+
+
+def fold_shift_into_bias(bias: torch.Tensor | None, shift: float, w_codes: torch.Tensor, w_scale: torch.Tensor,
+                         w_zero: torch.Tensor | None) -> torch.Tensor:
+    """b'_j = b_j + shift * sum_k W^_jk with W^_jk = sw_j (w_jk - zw_j): fc2's bias once the
+    Shift-Log2 shift (m - eps of eq. 24) is folded in.  w_codes: int8 [N, K] (or packed int4
+    uint8 [N, K/2]).  The column sum is an exact integer; the rest is fp32, in this order:
+    fp32(b + fp32(shift * fp32(sw * colsum))).  Returns fp32 [N].
+    """
+    wc = unpack_int4(w_codes) if w_codes.dtype == torch.uint8 else w_codes
+    if wc.dtype != torch.int8 or wc.dim() != 2:
+        raise TypeError(f"w_codes must be int8 [N, K] (or packed uint8), got {w_codes.dtype}")
+    colsum = wc.to(torch.int64).sum(dim=1)
+    if w_zero is not None:
+        colsum = colsum - wc.shape[1] * w_zero.to(torch.int64)
+    s32 = torch.tensor(shift, dtype=torch.float32)
+    folded = s32 * (w_scale.float() * colsum.float())
+    return folded if bias is None else bias.float() + folded
