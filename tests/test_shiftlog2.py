@@ -151,7 +151,7 @@ def allowed_codes(args, shift, scale, bits, substeps):
     return lo, hi
 
 
-def assert_fc1_accepted(got, args, shift, scale, bits, substeps):
+def assert_fc1_accepted(got, args, shift, scale, bits, substeps, check_rare=False):
     lo, hi = allowed_codes(args, shift, scale, bits, substeps)
     got = got.cpu()
     assert got.dtype == torch.uint8 and got.shape == lo.shape
@@ -160,8 +160,8 @@ def assert_fc1_accepted(got, args, shift, scale, bits, substeps):
     want = R.qgemm_gelu_shiftlog2(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args],
                                   shift, scale, bits, substeps)
     assert bool(((want >= lo) & (want <= hi)).all())          # the reference meets it too
-    if lo.numel():
-        assert float((lo != hi).double().mean()) < 0.05          # and it is rarely ambiguous
+    if check_rare:    # the interval is narrow: on a large tile almost every code is pinned down
+        assert float((lo != hi).double().mean()) < 0.01
 
 
 @pytest.mark.parametrize("impl", _impls(ENCODE, "cpu"), ids=IDS)
@@ -175,6 +175,15 @@ def test_fc1(impl, M, K, N, wa, outliers, bias, w_zero, out_bits, substeps, eps)
     shift, scale = R.GELU_MIN - eps, 3.0
     got = impl(*args, shift, scale, out_bits, substeps)
     assert_fc1_accepted(got, args, shift, scale, out_bits, substeps)
+
+
+@pytest.mark.parametrize("impl", _impls(ENCODE, "cpu"), ids=IDS)
+@pytest.mark.parametrize("substeps", [0, 1])
+def test_fc1_vit_tile(impl, substeps):
+    # one ViT-sized tile (fc1 of ViT-S: K = 384) with outliers, asymmetric weights, bias
+    args = make_fc1(64, 384, 256, 8, 4, True, True, True)
+    got = impl(*args, SHIFT, 4.0, 4, substeps)
+    assert_fc1_accepted(got, args, SHIFT, 4.0, 4, substeps, check_rare=True)
 
 
 @pytest.mark.parametrize("impl", _impls(ENCODE, "cpu"), ids=IDS)
@@ -225,8 +234,9 @@ def assert_fc2(impl, args, wc, substeps, out_dtype):
     wz = wc.int() - (zw.cpu().int()[:, None] if zw is not None else 0)
     A = d @ wz.abs().double().T
     tol = (K + 1) * 2.0 ** -24 * A * (sw.cpu().double().abs() * act_scale.cpu().double())[None, :]
-    tol = tol + 2.0 ** -22 * want.double().abs() + (2.0 ** -11 * want.double().abs() if out_dtype != torch.float32
-                                                   else 0)
+    # fp32 epilogue roundings; a 16-bit output may then round to the neighbouring value
+    out_ulp = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[out_dtype]
+    tol = tol + (2.0 ** -22 + out_ulp) * want.double().abs()
     assert bool(((got.cpu().double() - want.double()).abs() <= tol).all())
 
 
@@ -324,7 +334,7 @@ def _fc1_bad_cases():
     bad_a[0] = args[0].to(torch.int32)
     cases.append(("a dtype", bad_a, good, TypeError, "int8"))
     bad_k = list(args)
-    bad_k[4] = args[4][:, :32]
+    bad_k[4] = args[4][:, :32].contiguous()
     cases.append(("K mismatch", bad_k, good, ValueError, "K mismatch"))
     bad_s = list(args)
     bad_s[1] = args[1][:2]
@@ -352,7 +362,7 @@ def _fc2_bad_cases():
         ("codes int8", dict(ok, codes=codes.to(torch.int8)), TypeError, "codes"),
         ("codes 1-D", dict(ok, codes=codes[0]), ValueError, "2-D"),
         ("w packed for 8-bit", dict(ok, w=wp.view(torch.uint8)), TypeError, "int8"),
-        ("K mismatch", dict(ok, w=wp[:, :32]), ValueError, "K mismatch"),
+        ("K mismatch", dict(ok, w=wp[:, :32].contiguous()), ValueError, "K mismatch"),
         ("act_scale shape", dict(ok, act_scale=torch.ones(2)), ValueError, "act_scale"),
         ("act_scale dtype", dict(ok, act_scale=torch.ones(1, dtype=torch.float64)), TypeError, "act_scale"),
         ("w_scale length", dict(ok, w_scale=sw[:3]), ValueError, "w_scale"),

@@ -34,8 +34,9 @@ inline int32_t to_code(float q, float levels) {
 }
 
 struct Static {
-  at::Tensor scale, zero;  // fp32 [T], int32 [T] (signed domain); undefined when dynamic
-  int64_t T = 0;
+  const float* scale = nullptr;   // [T]; the op's argument, alive for the call
+  const int32_t* zero = nullptr;  // [T], signed domain
+  int64_t T = 0;                  // 0: dynamic scales
 };
 
 Static check_static(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& zero, int64_t M,
@@ -63,8 +64,8 @@ Static check_static(const std::optional<at::Tensor>& scale, const std::optional<
     TORCH_CHECK_VALUE(z[t] >= -half && z[t] < half, kOp, ": static zero points must lie in [", -half, ", ",
                       half - 1, "]; zero[", t, "] = ", z[t]);
   }
-  st.scale = *scale;
-  st.zero = *zero;
+  st.scale = s;
+  st.zero = z;
   return st;
 }
 
@@ -108,8 +109,8 @@ RowOut quantize_row(const float* y, int64_t K, int64_t bits, const Static& st, i
   float s;
   int32_t zu;  // unsigned-domain zero point
   if (st.T) {
-    s = st.scale.data_ptr<float>()[row % st.T];
-    zu = st.zero.data_ptr<int32_t>()[row % st.T] + half;
+    s = st.scale[row % st.T];
+    zu = st.zero[row % st.T] + half;
   } else {
     float lo = 0.f, hi = 0.f;  // the range always contains 0; outliers are left out
     for (int64_t k = 0; k < K; ++k) {

@@ -6,12 +6,6 @@
 //
 // The float steps are separate IEEE operations in the reference's order; contraction
 // into FMAs would change t = alpha * acc + bias and o = X0 + mu * X1 in the last bit.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,6 +15,13 @@
 #include <vector>
 
 #include "cpu/common.h"
+
+// after the includes, so that only this file's functions are affected
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 namespace vitq::cpu {
 namespace {
@@ -85,6 +86,18 @@ inline int32_t log2_code(float p, int64_t substeps, int32_t top) {
 }
 
 inline double pow2_neg(int32_t e) { return std::ldexp(1.0, -e); }
+
+// sum_d qz_d (k_d - zk), exact in int32 (|.| <= 255^2 * 256 < 2^31)
+VITQ_CPU_CLONES int32_t dot_codes(const int32_t* qz, const int8_t* k, int32_t zk, int64_t D) {
+  int32_t acc = 0;
+  for (int64_t d = 0; d < D; ++d) acc += qz[d] * (static_cast<int32_t>(k[d]) - zk);
+  return acc;
+}
+
+// x_d += w (v_d - zv); w is a power of two, so every product is exact
+VITQ_CPU_CLONES void add_scaled_codes(double* x, double w, const int8_t* v, int32_t zv, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) x[d] += w * static_cast<double>(static_cast<int32_t>(v[d]) - zv);
+}
 
 template <typename Out>
 void store_float(Out* dst, const float* y, int64_t D) {
@@ -194,10 +207,7 @@ at::Tensor log2_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
       // logits: exact int32 dot, then two fp32 roundings
       float m = -INFINITY;
       for (int64_t j = 0; j < N; ++j) {
-        const int8_t* krow = kbase + j * ksn;
-        int32_t acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += qz[d] * (static_cast<int32_t>(krow[d]) - zk);
-        float t = static_cast<float>(acc) * alpha;
+        float t = static_cast<float>(dot_codes(qz.data(), kbase + j * ksn, zk, D)) * alpha;
         if (brow) t = t + brow[j];
         e[j] = t;
         m = std::max(m, t);
@@ -217,10 +227,7 @@ at::Tensor log2_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
       for (int64_t j = 0; j < N; ++j) {
         const int32_t c = codes[j];
         if (c >= top) continue;
-        const double w = pow2_neg(c >> substeps);
-        double* xr = x.data() + (c & (planes - 1)) * D;
-        const int8_t* vrow = vbase + j * vsn;
-        for (int64_t d = 0; d < D; ++d) xr[d] += w * static_cast<double>(static_cast<int32_t>(vrow[d]) - zv);
+        add_scaled_codes(x.data() + (c & (planes - 1)) * D, pow2_neg(c >> substeps), vbase + j * vsn, zv, D);
       }
       const float sv = vq.s(h);
       for (int64_t d = 0; d < D; ++d) {

@@ -193,7 +193,7 @@ at::Tensor shiftlog2_qgemm_cpu(const at::Tensor& codes, int64_t bits, int64_t su
     check_tensor(*bias, bias->scalar_type(), {N}, kOp, "bias");
     bias32 = bias->to(at::kFloat);
   }
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, kOp,
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, kOp,
                     ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
   at::Tensor out = at::empty({M, N}, codes.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
@@ -204,10 +204,11 @@ at::Tensor shiftlog2_qgemm_cpu(const at::Tensor& codes, int64_t bits, int64_t su
   at::parallel_for(0, N, 16, [&](int64_t j0, int64_t j1) {
     std::vector<int8_t> row(static_cast<size_t>(K));
     for (int64_t j = j0; j < j1; ++j) {
-      const int8_t* src = w.data_ptr<int8_t>() + j * K;
+      const int8_t* src = row.data();
       if (w_bits == 4) {
-        unpack_row(w.data_ptr<uint8_t>() + j * (K / 2), K / 2, row.data());
-        src = row.data();
+        unpack_row(static_cast<const uint8_t*>(w.data_ptr()) + j * (K / 2), K / 2, row.data());
+      } else {
+        src = static_cast<const int8_t*>(w.data_ptr()) + j * K;
       }
       const int32_t z = zw ? zw[j] : 0;
       for (int64_t k = 0; k < K; ++k) wz[j * K + k] = static_cast<float>(int32_t(src[k]) - z);

@@ -288,7 +288,7 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
                 with torch.no_grad():
                     for p in s_params:
                         p.clamp_(min=1e-8)
-            rec = float(l_o)
+            rec = float(l_o.detach())
             first = rec if first is None else first
             last = rec
             running = rec if running is None else 0.9 * running + 0.1 * rec

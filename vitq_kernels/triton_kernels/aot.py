@@ -9,13 +9,18 @@ ViT sizes (multiples of 16) marked divisible by 16, as Triton's JIT would mark t
 Must run with TRITON_INTERPRET unset: under the interpreter @triton.jit returns
 interpreter functions, which cannot be compiled.
 
-    python -m vitq_kernels.triton_kernels.aot [--arch 90] [--all-configs]
-prints one JSON line per compiled variant.
+    python -m vitq_kernels.triton_kernels.aot [--arch 90] [--all-configs] [--ptxas-stats]
+prints one JSON line per compiled variant (PTX instruction counts, cubin size, and with
+--ptxas-stats the registers and spill bytes reported by ptxas).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -93,7 +98,7 @@ def qgemm_sources(all_configs=False, variants=None, out_type="*fp16"):
                      "HAS_BIAS": bias, "HAS_OUTLIERS": outliers, **cfg.kwargs}
             aligned = tuple(ptrs) + ("a_ptr", "w_ptr", "N", "K", "stride_am", "stride_wn", "stride_ym")
             tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            name = (f"qgemm[W{w_bits}A{a_bits},w_zero={w_zero},bias={bias},outliers={outliers},"
+            name = (f"qgemm[W{w_bits}A{a_bits},w_zero={w_zero},bias={bias},outliers={outliers},y={out_type[1:]},"
                     f"tile={tile},warps={cfg.num_warps},stages={cfg.num_stages}]")
             yield name, _source(_qgemm_kernel, types, const, aligned), {"num_warps": cfg.num_warps,
                                                                          "num_stages": cfg.num_stages}
@@ -103,31 +108,65 @@ def compile_source(src, options, arch=90):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def summarize(name, compiled) -> dict:
+def _ptxas_path() -> str:
+    try:
+        return triton.knobs.nvidia.ptxas.path        # Triton >= 3.4
+    except AttributeError:
+        here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        return here if os.path.exists(here) else "/usr/local/cuda/bin/ptxas"
+
+
+def ptxas_stats(ptx: str, arch: int = 90) -> dict:
+    """Registers and spill bytes from `ptxas -v` on the kernel's PTX (Triton keeps only the cubin)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch == 90 else ""
+        log = subprocess.run([_ptxas_path(), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", src + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": sum(spills)}
+
+
+def summarize(name, compiled, arch=90, with_ptxas=False) -> dict:
     ptx = compiled.asm["ptx"]
-    return {
+    lines = ptx.splitlines()
+    out = {
         "name": name,
         "cubin_bytes": len(compiled.asm["cubin"]),
         "shared_bytes": compiled.metadata.shared,
-        "wgmma_s8": sum("wgmma.mma_async" in ln and ".s8" in ln for ln in ptx.splitlines()),
-        "mma_s8": sum("mma.sync" in ln and ".s8" in ln for ln in ptx.splitlines()),
+        "wgmma_s8": sum("wgmma.mma_async" in ln and ".s8" in ln for ln in lines),
         "div_rn_f32": ptx.count("div.rn.f32"),
         "div_approx_or_full": ptx.count("div.approx.f32") + ptx.count("div.full.f32"),
-        "rcp_approx": ptx.count("rcp.approx"),
         "magic_2p23": ptx.count("0f4B000000"),
     }
+    if with_ptxas:
+        out.update(ptxas_stats(ptx, arch))
+    return out
+
+
+def all_sources(all_configs=False):
+    yield from pack_sources()
+    yield from quantize_sources()
+    yield from quantize_sources("*bf16", K=3072)
+    yield from qgemm_sources(all_configs)
+    yield from qgemm_sources(False, [(8, 8, True, True, True)], "*bf16")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--all-configs", action="store_true", help="every qgemm autotune config, not just the first")
+    ap.add_argument("--ptxas-stats", action="store_true", help="add registers and spill bytes (runs ptxas -v)")
+    ap.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
     args = ap.parse_args(argv)
-    groups = [pack_sources(), quantize_sources(), quantize_sources("*bf16"), qgemm_sources(args.all_configs),
-              qgemm_sources(False, [(8, 8, True, True, True)], "*bf16")]
-    for group in groups:
-        for name, src, options in group:
-            print(json.dumps(summarize(name, compile_source(src, options, args.arch))), flush=True)
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
+    for i, (name, src, options) in enumerate(all_sources(args.all_configs)):
+        if i % n_shards == shard:
+            compiled = compile_source(src, options, args.arch)
+            print(json.dumps(summarize(name, compiled, args.arch, args.ptxas_stats)), flush=True)
 
 
 if __name__ == "__main__":

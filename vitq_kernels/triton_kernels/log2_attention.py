@@ -273,16 +273,17 @@ def _log2_attention_two_pass(
 # launcher
 # ---------------------------------------------------------------------------
 def _blocks(N: int, D: int, path: str, interpreted: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_D).  The interpreter's cost is per program and per step, so
-    it gets large tiles; a GPU gets tiles that keep a row block's logits in registers."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D).  The interpreter's cost is mostly per program and per
+    @triton.jit call, so it gets large tiles; a GPU gets tiles that keep a row block's
+    logits in registers."""
     block_d = max(32, triton.next_power_of_2(D))
     if path == "one_block":
         block_n = max(64, triton.next_power_of_2(N))
         if interpreted:
-            return 128, block_n, block_d
+            return min(256, block_n), block_n, block_d
         return (64 if block_n <= 256 else 32), block_n, block_d
     if interpreted:
-        return 128, 256, block_d
+        return 256, 512, block_d
     return 64, (128 if D <= 128 else 64), block_d
 
 

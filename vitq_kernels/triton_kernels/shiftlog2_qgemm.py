@@ -153,9 +153,12 @@ def _shiftlog2_qgemm_kernel(
     if PLANES > 0:
         if HAS_W_ZERO:   # T = sum_k A (w - zw) = A.w - zw * rowsum(A), exact in int32
             acc0 -= zw[None, :] * rs0[:, None]
-            acc1 -= zw[None, :] * rs1[:, None]
-            acc2 -= zw[None, :] * rs2[:, None]
-            acc3 -= zw[None, :] * rs3[:, None]
+            if PLANES > 1:
+                acc1 -= zw[None, :] * rs1[:, None]
+            if PLANES > 2:
+                acc2 -= zw[None, :] * rs2[:, None]
+            if PLANES > 3:
+                acc3 -= zw[None, :] * rs3[:, None]
         if SUBSTEPS == 0:
             # Horner over the exponent groups, exact in int64; one rounding to fp32
             u = acc0.to(tl.int64)
