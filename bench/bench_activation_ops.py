@@ -33,7 +33,7 @@ from vitq_kernels import reference as R  # noqa: E402
 
 MODELS = {"vit_s": (384, 197), "vit_b": (768, 197), "dinov2_s": (384, 257)}   # d, tokens per image
 LN_COLUMNS = ("model", "batch", "M", "K", "variant", "ms", "MB_moved", "GB_s", "x_roofline", "x_vs_layernorm")
-MLP_COLUMNS = ("model", "batch", "M", "d", "variant", "ms", "TOPS", "x_vs_fp16")
+MLP_COLUMNS = ("model", "batch", "M", "d", "variant", "ms", "TOPS", "x_vs_dense")
 SHIFT = R.GELU_MIN - 1e-4
 
 
@@ -116,7 +116,7 @@ def bench_mlp(model, batch, device, timer, formats):
         if not rows:
             base = timer(fp, sets)
             rows.append(dict(model=model, batch=batch, M=M, d=d, variant=f"{out_dtype} linear-gelu-linear",
-                             ms=base, TOPS=ops / base / 1e9, x_vs_fp16=1.0))
+                             ms=base, TOPS=ops / base / 1e9, x_vs_dense=1.0))
 
         def pair(dense, fc1, fc2, s, code_bits=code_bits):
             codes = torch.ops.vitq.qgemm_gelu_shiftlog2(*fc1)
@@ -125,7 +125,7 @@ def bench_mlp(model, batch, device, timer, formats):
 
         ms = timer(pair, sets)
         rows.append(dict(model=model, batch=batch, M=M, d=d, variant=f"vitq fc1+GELU+SLQ{code_bits} -> fc2 ({fmt})",
-                         ms=ms, TOPS=ops / ms / 1e9, x_vs_fp16=base / ms))
+                         ms=ms, TOPS=ops / ms / 1e9, x_vs_dense=base / ms))
     return rows
 
 

@@ -12,6 +12,7 @@ leaves room for a last-bit difference, and fp16/bf16 outputs get one unit of the
 precision on top.
 """
 import os
+import shutil
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ CUDA_OPS = ("pack_int4", "unpack_int4", "per_token_quantize", "qgemm")
 
 
 def _nvcc_available() -> bool:
-    from torch.utils import cpp_extension
-    return cpp_extension.CUDA_HOME is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+    # where setup.py (through torch.utils.cpp_extension) looks for nvcc
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return shutil.which("nvcc") is not None or any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) for h in homes)
 
 
 # ---------------------------------------------------------------------------

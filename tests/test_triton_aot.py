@@ -40,7 +40,8 @@ def compiled(tmp_path_factory):
     for shard in range(SHARDS):
         env_i = dict(env, TRITON_CACHE_DIR=str(tmp_path_factory.mktemp(f"triton_cache{shard}")))
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", _BOOT, "--arch", "90", "--all-configs", "--ptxas-stats", f"--shard={shard}/{SHARDS}"],
+            [sys.executable, "-c", _BOOT, "--arch", "90", "--all-configs", "--ptxas-stats",
+             f"--shard={shard}/{SHARDS}"],
             env=env_i, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     records = []
     for proc in procs:

@@ -5,8 +5,8 @@
 * Full epilogue: y = sw (s acc + o) + bias has about C + 4 fp32 roundings (C outlier
   slots), each at most 2^-24 of the magnitude of the terms it combines.  The tolerance
   is 1e-5 times mag = |sw| (|s| |acc| + sum_c |val| |w - zw|) + |bias| (covers C <= 80),
-  computed per element, so cancellation between terms cannot hide an error.  With fp16
-  output both sides are rounded to fp16 separately: one more fp16 ulp (2^-10 relative).
+  computed per element, so cancellation between terms cannot hide an error.  With fp16 /
+  bf16 output both sides are rounded separately: one more ulp (2^-10 / 2^-7 relative).
 
 Without a GPU the kernel runs under TRITON_INTERPRET on CPU tensors (conftest sets it);
 with one, the same tests run natively on CUDA, plus the `requires_gpu` group (bf16
@@ -68,12 +68,18 @@ def _magnitude(p):
     return mag
 
 
-def _assert_close(y, p, out_dtype):
-    want = ref.qgemm(**p, out_dtype=out_dtype)
+# one ulp of the output format relative to |y|, and its smallest subnormal
+_ULP = {torch.float32: (0.0, 0.0), torch.float16: (2.0 ** -10, 2.0 ** -24), torch.bfloat16: (2.0 ** -7, 2.0 ** -133)}
+
+
+def _assert_close(y, p, out_dtype, want32=None, mag=None):
+    """want32/mag: the fp32 reference and _magnitude(p), when the caller already has them
+    (the reference computes in fp32 and casts last, so want = want32.to(out_dtype))."""
+    want32 = ref.qgemm(**p, out_dtype=torch.float32) if want32 is None else want32
+    want = want32.to(out_dtype)
     assert y.shape == want.shape and y.dtype == want.dtype
-    tol = 1e-5 * _magnitude(p) + 1e-30
-    if out_dtype != torch.float32:
-        tol = tol + 2.0 ** -10 * want.double().abs() + 2.0 ** -24     # one fp16 ulp, subnormals
+    rel_ulp, subnormal = _ULP[out_dtype]
+    tol = 1e-5 * (_magnitude(p) if mag is None else mag) + rel_ulp * want.double().abs() + subnormal + 1e-30
     err = (y.double() - want.double()).abs()
     assert bool((err <= tol).all()), f"max error {float(err.max()):.3g}, worst err/tol {float((err / tol).max()):.3g}"
 
@@ -217,14 +223,9 @@ def test_cuda_vit_shapes_all_out_dtypes(bits, shape):
     M, K, N = shape
     gen = torch.Generator().manual_seed(M + K + N)
     p = _problem(gen, M, K, N, *bits, True, True, 10, slack=4)       # ~1% outliers, C ~ 14..20
+    want32, mag = ref.qgemm(**p, out_dtype=torch.float32), _magnitude(p)
     for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
-        y = _run(p, out_dtype, "cuda")
-        if out_dtype == torch.bfloat16:                   # one bf16 ulp (2^-7 relative) on top
-            want = ref.qgemm(**p, out_dtype=torch.float32)
-            tol = 1e-5 * _magnitude(p) + 2.0 ** -7 * want.double().abs() + 1e-30
-            assert bool(((y.double() - want.double()).abs() <= tol).all())
-        else:
-            _assert_close(y, p, out_dtype)
+        _assert_close(_run(p, out_dtype, "cuda"), p, out_dtype, want32, mag)
 
 
 @requires_gpu

@@ -56,7 +56,7 @@ W = weight codes (zero zw_j, scale sw_j, col sums rw_j):
     y_ij   = sw_j * (s_i * float(acc_ij) + o_ij) + bias_j
 
 computed in fp32 and cast to the output dtype.  Every intermediate integer fits in
-int32 for K <= 2^16 at 8 bit (|a - za| <= 255, |w - zw| <= 255 for K <= 32768).
+int32 for K <= 32768 at 8 bit (|acc| <= K * 255^2 < 2^31); larger K is rejected.
 """
 from __future__ import annotations
 
@@ -155,6 +155,8 @@ def extract_outliers(x: torch.Tensor, mask: torch.Tensor, capacity: int):
     if capacity and M:
         # stable sort puts the outlier columns first, in increasing column order
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :capacity]
+        if order.shape[1] < capacity:  # capacity > K: pad the slots past the last column
+            order = torch.cat([order, order.new_zeros(M, capacity - order.shape[1])], dim=1)
         keep = torch.arange(capacity)[None, :] < count[:, None]
         idx = torch.where(keep, order, torch.zeros_like(order)).to(torch.int32)
         val = torch.where(keep, torch.gather(x.float(), 1, order), torch.zeros_like(order, dtype=torch.float32))
@@ -281,6 +283,10 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, a_rowsum
     N, Kw = wc.shape
     if K != Kw:
         raise ValueError(f"K mismatch: activations have {K}, weights {Kw}")
+    if K > 32768:
+        raise ValueError(f"K={K} > 32768: the int32 accumulator could overflow")
+    if outlier_idx is not None and outlier_idx.numel() and (int(outlier_idx.min()) < 0 or int(outlier_idx.max()) >= K):
+        raise ValueError(f"outlier_idx must lie in [0, {K})")
     acc = ac.to(torch.int64) @ wc.to(torch.int64).T          # exact; int64 only to use matmul on CPU
     za = a_zero.to(torch.int64)[:, None]
     rw = w_colsum.to(torch.int64)[None, :]

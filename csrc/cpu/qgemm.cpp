@@ -1,5 +1,6 @@
 // CPU kernel of vitq::qgemm (reference.qgemm): exact integer GEMM of activation and
-// weight codes (int8, or int4 unpacked once per call), zero-point corrections from the
+// weight codes (int8 or packed int4, widened once per call to int16, which the compiler
+// turns into pmaddwd dot products), zero-point corrections from the
 // row/column sums, the outlier term in fp32 in slot order, and the per-token x
 // per-channel fp32 epilogue.
 //
@@ -28,9 +29,9 @@ constexpr int64_t kChunkK = 1 << 15;
 constexpr int kBlockM = 4, kBlockN = 4;
 
 struct GemmArgs {
-  const int8_t* a;   // [M, K] activation codes
-  const int8_t* w;   // [N, K] weight codes
-  const int8_t* wt;  // [K, N] transposed weight codes, only when C > 0
+  const int16_t* a;   // [M, K] activation codes
+  const int16_t* w;   // [N, K] weight codes
+  const int16_t* wt;  // [K, N] transposed weight codes, only when C > 0
   int64_t M, N, K, C;
   const float* a_scale;
   const int32_t* a_zero;
@@ -47,7 +48,8 @@ struct GemmArgs {
 
 // acc[r][c] += sum_k a[r][k] w[c][k] over one K-chunk (wrapping add into uint32).
 template <int RM, int RN>
-inline void dot_block(const int8_t* a, const int8_t* w, int64_t ld, int64_t kc, uint32_t* acc, int64_t ld_acc) {
+inline void dot_block(const int16_t* __restrict a, const int16_t* __restrict w, int64_t ld, int64_t kc,
+                      uint32_t* __restrict acc, int64_t ld_acc) {
   int32_t sum[RM][RN] = {};
   for (int64_t k = 0; k < kc; ++k) {
 #pragma GCC unroll 4
@@ -81,7 +83,10 @@ inline void epilogue_row(const GemmArgs& g, int64_t i, int64_t j0, int64_t nb, c
     std::fill(o, o + nb, 0.f);
     for (int64_t c = 0; c < g.C; ++c) {  // slot order, as the reference sums
       const float v = g.o_val[i * g.C + c];
-      const int8_t* col = g.wt + int64_t(g.o_idx[i * g.C + c]) * g.N + j0;
+      // o starts at +0 and a sum of fp32 values is -0 only if both are, so o never becomes
+      // -0: adding v * w' = +-0 leaves it bit-identical, and padded slots can be skipped
+      if (v == 0.f) continue;
+      const int16_t* col = g.wt + int64_t(g.o_idx[i * g.C + c]) * g.N + j0;
       if (g.w_zero) {
         for (int64_t jj = 0; jj < nb; ++jj) o[jj] = o[jj] + v * float(int32_t(col[jj]) - g.w_zero[j0 + jj]);
       } else {
@@ -112,8 +117,8 @@ VITQ_CPU_CLONES void qgemm_tiles(const GemmArgs& g, int64_t t0, int64_t t1) {
     std::fill(acc, acc + kTileM * kTileN, 0u);
     for (int64_t k0 = 0; k0 < g.K; k0 += kChunkK) {
       const int64_t kc = std::min(kChunkK, g.K - k0);
-      const int8_t* a = g.a + i0 * g.K + k0;
-      const int8_t* w = g.w + j0 * g.K + k0;
+      const int16_t* a = g.a + i0 * g.K + k0;
+      const int16_t* w = g.w + j0 * g.K + k0;
       int64_t r = 0;
       for (; r + kBlockM <= mb; r += kBlockM) {
         int64_t c = 0;
@@ -132,21 +137,31 @@ VITQ_CPU_CLONES void qgemm_tiles(const GemmArgs& g, int64_t t0, int64_t t1) {
   }
 }
 
-// int8 view of a code matrix: the tensor itself (8 bit) or its unpacked copy (4 bit).
-const int8_t* as_int8(const at::Tensor& t, int64_t bits, std::vector<int8_t>& buffer) {
-  if (bits == 8) return t.data_ptr<int8_t>();
-  const int64_t rows = t.size(0), bytes = t.size(1);
-  buffer.resize(static_cast<size_t>(rows * bytes * 2));
-  const uint8_t* src = t.data_ptr<uint8_t>();
-  int8_t* dst = buffer.data();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(bytes, 1)), [&](int64_t r0, int64_t r1) {
-    unpack_row(src + r0 * bytes, (r1 - r0) * bytes, dst + r0 * bytes * 2);
-  });
-  return buffer.data();
+// int16 copy of a code matrix [rows, K] (int8, or packed int4 with K/2 bytes per row).
+const int16_t* widen_codes(const at::Tensor& t, int64_t bits, int64_t K, std::vector<int16_t>& buffer) {
+  const int64_t rows = t.size(0);
+  buffer.resize(static_cast<size_t>(rows * K));
+  int16_t* dst = buffer.data();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  if (bits == 8) {
+    const int8_t* src = t.data_ptr<int8_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t e = r0 * K; e < r1 * K; ++e) dst[e] = src[e];
+    });
+  } else {
+    const uint8_t* src = t.data_ptr<uint8_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t b = r0 * K / 2; b < r1 * K / 2; ++b) {
+        dst[2 * b] = low_nibble(src[b]);
+        dst[2 * b + 1] = high_nibble(src[b]);
+      }
+    });
+  }
+  return dst;
 }
 
 // wt[k][j] = w[j][k], in 64 x 64 blocks for cache locality.
-void transpose_codes(const int8_t* w, int64_t N, int64_t K, std::vector<int8_t>& wt) {
+void transpose_codes(const int16_t* w, int64_t N, int64_t K, std::vector<int16_t>& wt) {
   wt.resize(static_cast<size_t>(N * K));
   constexpr int64_t B = 64;
   at::parallel_for(0, at::divup(K, B), 1, [&](int64_t b0, int64_t b1) {
@@ -213,10 +228,10 @@ at::Tensor qgemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::T
   at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
 
-  std::vector<int8_t> a_buf, w_buf, wt_buf;
+  std::vector<int16_t> a_buf, w_buf, wt_buf;
   GemmArgs g{};
-  g.a = as_int8(a, a_bits, a_buf);
-  g.w = as_int8(w, w_bits, w_buf);
+  g.a = widen_codes(a, a_bits, K, a_buf);
+  g.w = widen_codes(w, w_bits, K, w_buf);
   g.M = M;
   g.N = N;
   g.K = K;

@@ -190,11 +190,15 @@ __global__ void __launch_bounds__(kGemmThreads) qgemm_kernel(const uint8_t* __re
       wmma::fragment<wmma::matrix_a, 16, 16, 16, signed char, wmma::row_major> fa[kFragM];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, signed char, wmma::col_major> fb[kFragN];
 #pragma unroll
-      for (int i = 0; i < kFragM; ++i)
-        wmma::load_matrix_sync(fa[i], reinterpret_cast<const signed char*>(&smem.a[buf][k16][warp_m * kWarpM + i * 16][0]), 16);
+      for (int i = 0; i < kFragM; ++i) {
+        const int8_t* tile = &smem.a[buf][k16][warp_m * kWarpM + i * 16][0];
+        wmma::load_matrix_sync(fa[i], reinterpret_cast<const signed char*>(tile), 16);
+      }
 #pragma unroll
-      for (int j = 0; j < kFragN; ++j)
-        wmma::load_matrix_sync(fb[j], reinterpret_cast<const signed char*>(&smem.w[buf][k16][warp_n * kWarpN + j * 16][0]), 16);
+      for (int j = 0; j < kFragN; ++j) {
+        const int8_t* tile = &smem.w[buf][k16][warp_n * kWarpN + j * 16][0];
+        wmma::load_matrix_sync(fb[j], reinterpret_cast<const signed char*>(tile), 16);
+      }
 #pragma unroll
       for (int i = 0; i < kFragM; ++i)
 #pragma unroll

@@ -29,12 +29,15 @@ import triton.language as tl
 
 from ._utils import FP32_MAX, check_device, int_pairs_to_nibbles, is_interpreted, round_half_even
 
-_X_NONFINITE = 1
-_BAD_SCALE = 2
-_BAD_ZERO = 4
-_Y_NONFINITE = 8
+# status word bits (globals read by a kernel must be tl.constexpr)
+X_NONFINITE, BAD_SCALE, BAD_ZERO, Y_NONFINITE = 1, 2, 4, 8
+_X_NONFINITE = tl.constexpr(X_NONFINITE)
+_BAD_SCALE = tl.constexpr(BAD_SCALE)
+_BAD_ZERO = tl.constexpr(BAD_ZERO)
+_Y_NONFINITE = tl.constexpr(Y_NONFINITE)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = 16384   # a row must fit one program's registers
+FP32_MAX_C = tl.constexpr(FP32_MAX)
 
 
 @triton.jit
@@ -56,7 +59,7 @@ def _layernorm_quantize_kernel(
     # LayerNorm in fp32, the whole row in registers
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0)
     x = x.to(tl.float32)
-    x_bad = tl.sum((ok & ~(tl.abs(x) <= FP32_MAX)).to(tl.int32), axis=1)
+    x_bad = tl.sum((ok & ~(tl.abs(x) <= FP32_MAX_C)).to(tl.int32), axis=1)
     mean = tl.sum(x, axis=1) / K
     d = tl.where(ok, x - mean[:, None], 0.0)
     var = tl.sum(d * d, axis=1) / K
@@ -65,7 +68,7 @@ def _layernorm_quantize_kernel(
     beta = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = (d * rstd[:, None]) * gamma[None, :] + beta[None, :]
     y = tl.where(ok, y, 0.0)
-    y_bad = tl.sum((ok & ~(tl.abs(y) <= FP32_MAX)).to(tl.int32), axis=1)
+    y_bad = tl.sum((ok & ~(tl.abs(y) <= FP32_MAX_C)).to(tl.int32), axis=1)
 
     if OUTLIERS:
         is_out = ok & (tl.abs(y) > threshold)
@@ -77,7 +80,7 @@ def _layernorm_quantize_kernel(
         t = rows % T
         s = tl.load(scale_in_ptr + t, mask=row_ok, other=1.0)
         zc = tl.load(zero_in_ptr + t, mask=row_ok, other=0)
-        bad_s = row_ok & ~((s > 0.0) & (s <= FP32_MAX))
+        bad_s = row_ok & ~((s > 0.0) & (s <= FP32_MAX_C))
         bad_z = row_ok & ((zc < -HALF) | (zc > HALF - 1))
         flags = flags | tl.where(tl.max(bad_s.to(tl.int32), axis=0) > 0, _BAD_SCALE, 0)
         flags = flags | tl.where(tl.max(bad_z.to(tl.int32), axis=0) > 0, _BAD_ZERO, 0)
@@ -126,12 +129,13 @@ def _layernorm_quantize_kernel(
 
 def _blocks(K: int, interpreted: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps), from K alone (so every call reduces in one order):
-    about 4k elements per program on a GPU, 16k under the interpreter (fewer programs)."""
+    about 4k elements per program on a GPU (8 warps), 16k under the interpreter."""
     bk = max(16, triton.next_power_of_2(max(K, 1)))
     if interpreted:
         return max(1, min(64, 16384 // bk)), bk, 4
     bm = max(1, min(16, 4096 // bk))
-    return bm, bk, 4 if bm * bk <= 4096 else 8
+    # ~16 elements per thread: the outlier variant keeps a dozen row-sized values live
+    return bm, bk, max(4, min(16, bm * bk // 512))
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -213,13 +217,13 @@ def layernorm_quantize(x, weight, bias, eps, bits, scale=None, zero=None, outlie
         num_warps=warps, enable_fp_fusion=False)
 
     flags, max_count = status.tolist()          # the one sync of this op
-    if flags & _X_NONFINITE:
+    if flags & X_NONFINITE:
         raise ValueError(f"{op}: x contains NaN or Inf; quantization is undefined for non-finite values")
-    if flags & _Y_NONFINITE:
+    if flags & Y_NONFINITE:
         raise ValueError(f"{op}: LayerNorm(x) overflows fp32 (weight or bias too large)")
-    if flags & _BAD_SCALE:
+    if flags & BAD_SCALE:
         raise ValueError(f"{op}: static scales must be finite and > 0")
-    if flags & _BAD_ZERO:
+    if flags & BAD_ZERO:
         half = 1 << (bits - 1)
         raise ValueError(f"{op}: static zero points must lie in [{-half}, {half - 1}]")
     if outliers and max_count > C:

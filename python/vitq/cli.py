@@ -1,0 +1,258 @@
+"""Command line: ``vitq quantize`` and ``vitq eval`` (also ``python -m vitq``).
+
+    vitq quantize --model dinov2_small_fmnist --data fashion-mnist --w-bits 4 --a-bits 4 \\
+                  --preset fast --out runs/w4a4
+    vitq eval --quantized runs/w4a4 --data fashion-mnist --out runs/w4a4/eval.json
+
+``--data``: ``fashion-mnist`` (calibrate on train, evaluate on test), ``foolbox-imagenet`` (the 20
+ImageNet samples of the foolbox wheel: calibration and evaluation share them), or a folder path
+(an ImageFolder; with ``train/`` and ``val/`` sub-folders those are used for calibration and
+evaluation, otherwise disjoint random subsets of the one folder).
+Each command writes a JSON report; ``quantize`` also saves the fake-quant model
+(``model.safetensors`` + ``quant_config.json``, no pickle).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "dinov2_small_fmnist"
+DATA_CHOICES = ("fashion-mnist", "foolbox-imagenet")
+
+
+class CliError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# models and data
+# ---------------------------------------------------------------------------------------------
+def build_model(name: str, checkpoint=None, img_size=None):
+    from . import models
+    kw = {} if img_size is None else {"img_size": img_size}
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise CliError(f"checkpoint not found: {checkpoint}")
+    return models.create_model(name, checkpoint=checkpoint, **kw)
+
+
+def build_data(spec: str, model, calib_images: int, eval_images: int | None, seed: int = 0):
+    """(calibration images tensor, evaluation dataset, note)."""
+    from torch.utils.data import Subset
+
+    from . import data
+    key = spec.lower().replace("_", "-")
+    note = None
+    if key == "fashion-mnist":
+        train = data.fashion_mnist("train", model=model)
+        calib, _ = data.calibration_batch(train, calib_images, seed)
+        test = data.fashion_mnist("test", n=eval_images, model=model)
+        return calib, test, note
+    if key == "foolbox-imagenet":
+        ds = data.foolbox_images("imagenet", model=model)
+        n = min(calib_images, len(ds))
+        calib, _ = data.calibration_batch(ds, n, seed)
+        note = f"calibration and evaluation share the {len(ds)} foolbox images"
+        return calib, _limit(ds, eval_images), note
+    path = Path(spec)
+    if not path.exists():
+        raise CliError(f"data path not found: {spec} (use one of {', '.join(DATA_CHOICES)} or an image folder)")
+    if (path / "train").is_dir() and (path / "val").is_dir():
+        train, val = data.image_folder(path / "train", model=model), data.image_folder(path / "val", model=model)
+        calib, _ = data.calibration_batch(train, min(calib_images, len(train)), seed)
+        return calib, _limit(val, eval_images), note
+    ds = data.image_folder(path, model=model)
+    n = min(calib_images, max(1, len(ds) // 2))
+    _, rest = data.calibration_split(ds, n, seed)
+    calib, _ = data.calibration_batch(ds, n, seed)
+    note = f"calibration uses {n} images of {path}; evaluation the other {len(rest)}"
+    return calib, _limit(rest if len(rest) else Subset(ds, list(range(len(ds)))), eval_images), note
+
+
+def _limit(ds, n):
+    from torch.utils.data import Subset
+    if n is None or n >= len(ds):
+        return ds
+    return Subset(ds, list(range(n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+def _config_from_args(args):
+    from .config import ADFQConfig
+    kw = dict(w_bits=args.w_bits, a_bits=args.a_bits, poq=not args.no_poq, slq=not args.no_slq,
+              amo=not args.no_amo, preset=args.preset, recon=args.recon, seed=args.seed,
+              progress=not args.quiet, device=args.device)
+    for name in ("iters", "calib_images", "batch_size"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.baseline:
+        return ADFQConfig.baseline(**kw)
+    return ADFQConfig(**kw)
+
+
+def _versions():
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import timm
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _write_report(report: dict, out):
+    from .api import _jsonable
+    path = Path(out)
+    if path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "report.json"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(report), indent=2))
+    return path
+
+
+def cmd_quantize(args) -> dict:
+    import torch
+
+    from . import api, metrics
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _config_from_args(args)
+    t0 = time.perf_counter()
+    fp = build_model(args.model, args.checkpoint, args.img_size)
+    calib, evalset, note = build_data(args.data, fp, cfg.resolved("calib_images"), args.eval_images, args.seed)
+    qmodel = api.quantize(fp, cfg, calib)
+    dev = next(qmodel.parameters()).device
+    fp.to(dev)
+    res = api.evaluate(qmodel, evalset, fp_model=fp, batch_size=cfg.eval_batch_size, progress=cfg.progress)
+    report = {"command": " ".join(["vitq"] + sys.argv[1:]) if args.argv is None else " ".join(["vitq"] + args.argv),
+              "model": args.model, "checkpoint": args.checkpoint, "img_size": args.img_size, "data": args.data,
+              "note": note, "eval": res, "quantize": qmodel.vitq_report, "versions": _versions()}
+    if args.metrics:
+        report["metrics"] = metrics.layer_report(qmodel, calib[:args.metric_images].to(dev))
+    report["seconds"] = time.perf_counter() - t0
+    if args.out:
+        api.save_quantized(qmodel, args.out, model_name=args.model,
+                           extra={"checkpoint": args.checkpoint, "img_size": args.img_size})
+        report["report_path"] = str(_write_report(report, args.out))
+    _print_summary(report)
+    return report
+
+
+def cmd_eval(args) -> dict:
+    import torch
+
+    from . import api, metrics
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model_name, checkpoint, img_size = args.model, args.checkpoint, args.img_size
+    meta = None
+    if args.quantized:
+        qdir = Path(args.quantized)
+        if not (qdir / "quant_config.json").is_file():
+            raise CliError(f"{qdir} holds no quant_config.json (write one with `vitq quantize --out`)")
+        meta = json.loads((qdir / "quant_config.json").read_text())
+        model_name = meta.get("model_name") or model_name
+        checkpoint = meta.get("checkpoint", checkpoint)
+        img_size = meta.get("img_size", img_size)
+    fp = build_model(model_name, checkpoint, img_size)
+    calib, evalset, note = build_data(args.data, fp, args.metric_images if args.metrics else 1, args.eval_images)
+    report = {"command": " ".join(["vitq"] + (args.argv if args.argv is not None else sys.argv[1:])),
+              "model": model_name, "data": args.data, "note": note, "versions": _versions()}
+    if meta is None:
+        report["eval"] = api.evaluate(fp, evalset, progress=not args.quiet)
+    else:
+        qmodel = api.load_quantized(args.quantized, build_model(model_name, checkpoint, img_size))
+        report["eval"] = api.evaluate(qmodel, evalset, fp_model=fp, progress=not args.quiet)
+        report["quantized"] = str(args.quantized)
+        if args.metrics:
+            report["metrics"] = metrics.layer_report(qmodel, calib)
+    report["seconds"] = time.perf_counter() - t0
+    if args.out:
+        report["report_path"] = str(_write_report(report, args.out))
+    _print_summary(report)
+    return report
+
+
+def _print_summary(report: dict):
+    ev = report.get("eval", {})
+    parts = [f"n={ev.get('n')}"]
+    for key in ("fp_top1", "top1", "agreement"):
+        if ev.get(key) is not None:
+            parts.append(f"{key}={ev[key]:.2f}%")
+    m = report.get("metrics")
+    if m:
+        parts.append(f"mean_layer_sqnr={m['mean_layer_sqnr']:.2f}dB attention_kl={m['mean_attention_kl']:.4g} "
+                     f"arpr={100 * m['arpr']:.2f}%")
+    print("vitq: " + " ".join(parts) + (f"  (report: {report['report_path']})" if "report_path" in report else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+def _common(p):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"timm model name or an offline model (dinov2_small, dinov2_small_fmnist); default {DEFAULT_MODEL}")
+    p.add_argument("--checkpoint", default=None, help="state dict (.safetensors/.pth) for a timm model name")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("--data", default="fashion-mnist",
+                   help=f"{' | '.join(DATA_CHOICES)} | a folder path (default fashion-mnist)")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images")
+    p.add_argument("--metrics", action="store_true", help="also per-layer SQNR, attention KL and ARPR")
+    p.add_argument("--metric-images", type=int, default=32, help="images for --metrics (default 32)")
+    p.add_argument("--out", default=None, help="output folder (or .json file for the report)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitq", description="ADFQ-ViT post-training quantization of ViTs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="calibrate a fake-quant model, evaluate it, save it")
+    _common(q)
+    q.add_argument("--w-bits", type=int, default=4)
+    q.add_argument("--a-bits", type=int, default=4)
+    q.add_argument("--preset", default="fast", choices=("fast", "paper"))
+    q.add_argument("--no-poq", action="store_true", help="per-tensor uniform on the qkv/fc1 inputs")
+    q.add_argument("--no-slq", action="store_true", help="per-tensor uniform on the fc2 input")
+    q.add_argument("--no-amo", action="store_true", help="no reconstruction")
+    q.add_argument("--recon", default="module", choices=("module", "block"),
+                   help="module: AMO (paper); block: BRECQ-style block-wise baseline")
+    q.add_argument("--baseline", action="store_true", help="plain per-tensor min/max PTQ (ignores the switches)")
+    q.add_argument("--iters", type=int, default=None, help="reconstruction iterations per unit (default: preset)")
+    q.add_argument("--calib-images", type=int, default=None, help="calibration images (default: preset)")
+    q.add_argument("--batch-size", type=int, default=None, help="reconstruction batch (default: preset)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="evaluate an fp model, or a saved fake-quant model against its fp model")
+    _common(e)
+    e.add_argument("--quantized", default=None, help="folder written by `vitq quantize --out`")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
+    try:
+        args.func(args)
+    except (CliError, ValueError, FileNotFoundError, TypeError, RuntimeError, NotImplementedError) as err:
+        msg = str(err).strip() or type(err).__name__
+        print(f"vitq {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
