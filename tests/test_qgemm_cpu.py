@@ -120,29 +120,30 @@ def test_empty_k():
     assert torch.equal(y, args[8].expand(M, N))
 
 
-def test_long_k_chunks_and_int32_wraparound():
-    # K > 2^15 takes two int32 chunks; extreme codes push the exact sum past 2^31, where
-    # the reference's int64 -> int32 cast wraps modulo 2^32
-    K = 70000
+def test_largest_k_extreme_codes():
+    # K = 32768 (the largest the spec allows) with extreme codes and zero points: the
+    # accumulator reaches K * 255^2 / 2 and more, still exact in int32
+    K = 32768
     a = torch.full((2, K), -128, dtype=torch.int8)
     a[1, ::2] = 127
-    w = torch.full((3, K), -128, dtype=torch.int8)
+    w = torch.full((3, K), 127, dtype=torch.int8)
     w[2] = torch.randint(-128, 128, (K,), dtype=torch.int8)
-    a_zero = torch.tensor([127, -5], dtype=torch.int32)
-    args = (a, torch.ones(2), a_zero, a.int().sum(1, dtype=torch.int32), w, torch.ones(3), None,
+    a_zero = torch.tensor([127, -128], dtype=torch.int32)
+    w_zero = torch.tensor([-128, 0, 5], dtype=torch.int32)
+    args = (a, torch.ones(2), a_zero, a.int().sum(1, dtype=torch.int32), w, torch.ones(3), w_zero,
             w.int().sum(1, dtype=torch.int32), None, None, None, 8, 8, torch.float32)
-    y = qgemm(*args)
-    exact = (a.long() - a_zero.long()[:, None]) @ w.long().T
-    assert int(exact.abs().max()) > 2**31  # the wrap really happens
-    assert torch.equal(y, exact.to(torch.int32).float())
-    assert torch.equal(y, R.qgemm(*args))
+    exact = (a.long() - a_zero.long()[:, None]) @ (w.long() - w_zero.long()[:, None]).T
+    assert int(exact.abs().max()) > 2**30
+    got = qgemm(*args)
+    assert torch.equal(got.double(), exact.double().float().double())  # float(acc) rounds only beyond 2^24
+    assert torch.equal(got, R.qgemm(*args))
 
 
 def test_vit_shape():
     # ViT-B fc1 on a batch of 8 (M = 197 * 8); checks a row slice against the reference
     args = make_case(197 * 8, 768, 3072, 4, 4, True, True, True, 11)
     y = qgemm(*args)
-    rows = slice(0, 197 * 8, 61)
+    rows = slice(0, 197 * 8, 197)
     sliced = [t[rows] if i in (0, 1, 2, 3, 9, 10) else t for i, t in enumerate(args)]
     y_ref = R.qgemm(*sliced)
     assert torch.all((y[rows] - y_ref).abs() <= error_bound(sliced))
@@ -176,6 +177,7 @@ def test_bad_arguments():
         args.update(kw)
         return tuple(args[n] for n in names)
 
+    long_k = torch.zeros(4, 32769, dtype=torch.int8)
     bad_idx = idx.clone()
     bad_idx[2, 0] = 16
     cases = [
@@ -187,6 +189,8 @@ def test_bad_arguments():
         (ValueError, "w must be contiguous", with_(w=w.t().contiguous().t())),
         (ValueError, "K mismatch: activations have 16, weights 15", with_(w=w[:, :15].contiguous())),
         (ValueError, "K mismatch: activations have 32, weights 16", with_(a=a.view(torch.uint8), a_bits=4)),
+        (ValueError, "K=32769 > 32768: the int32 accumulator could overflow",
+         with_(a=long_k, w=torch.zeros(6, 32769, dtype=torch.int8))),
         (TypeError, "a_scale must be float32, got float16", with_(a_scale=a_scale.half())),
         (ValueError, r"a_scale must have shape \[4\], got \[3\]", with_(a_scale=a_scale[:3])),
         (TypeError, "a_zero must be int32, got int64", with_(a_zero=a_zero.long())),
@@ -200,9 +204,10 @@ def test_bad_arguments():
         (ValueError, "outlier_idx and outlier_val must be given together", with_(val=None)),
         (TypeError, "outlier_idx must be int32, got int64", with_(idx=idx.long())),
         (ValueError, r"outlier_idx must have shape \[M=4, C\]", with_(idx=idx[:3])),
-        (ValueError, r"outlier_val must have shape \[4, %d\]" % idx.shape[1], with_(val=torch.zeros(4, idx.shape[1] + 1))),
-        (ValueError, r"outlier_idx\[2, 0\] = 16 is outside \[0, K=16\)", with_(idx=bad_idx)),
-        (ValueError, r"outlier_idx\[2, 0\] = -1 is outside", with_(idx=torch.where(bad_idx == 16, -1, bad_idx))),
+        (ValueError, r"outlier_val must have shape \[4, %d\]" % idx.shape[1],
+         with_(val=torch.zeros(4, idx.shape[1] + 1))),
+        (ValueError, r"outlier_idx must lie in \[0, K=16\); outlier_idx\[2, 0\] = 16", with_(idx=bad_idx)),
+        (ValueError, r"outlier_idx\[2, 0\] = -1", with_(idx=torch.where(bad_idx == 16, -1, bad_idx))),
         (ValueError, "out_dtype must be float32, float16 or bfloat16, got float64", with_(out_dtype=torch.float64)),
     ]
     for exc, msg, args in cases:

@@ -159,6 +159,7 @@ class QMlp(nn.Module):
             self.slq_bits, self.slq_substeps = int(slq["bits"]), int(slq["substeps"])
             self.slq_shift = float(slq["shift"])
             self.register_buffer("slq_scale", torch.as_tensor(slq["scale"], dtype=torch.float32).reshape(1).clone())
+            self.slq_scale_value = float(self.slq_scale)   # a Python float for the op (no graph break)
             from .reference import fold_shift_into_bias
             wcodes = vitq.unpack_int4(fc2.weight) if fc2.w_bits == 4 else fc2.weight
             self.register_buffer("fc2_bias_folded", fold_shift_into_bias(fc2.bias, self.slq_shift, wcodes,
@@ -171,7 +172,7 @@ class QMlp(nn.Module):
             has_out = idx.shape[1] > 0
             g = vitq.qgemm_gelu_shiftlog2(codes, s, z, rs, f1.weight, f1.w_scale, f1.w_zero, f1.w_colsum, f1.bias,
                                           idx if has_out else None, val if has_out else None, f1.act.bits,
-                                          f1.w_bits, self.slq_shift, float(self.slq_scale), self.slq_bits,
+                                          f1.w_bits, self.slq_shift, self.slq_scale_value, self.slq_bits,
                                           self.slq_substeps)
             f2 = self.fc2
             return vitq.shiftlog2_qgemm(g, self.slq_bits, self.slq_substeps, self.slq_scale, f2.weight,
@@ -242,7 +243,8 @@ def module_config(m: nn.Module) -> dict:
                 "num_heads": m.num_heads, "sm_scale": m.sm_scale, "qkv_bits": m.qkv_act.bits,
                 "p_bits": m.p_bits, "p_substeps": m.p_substeps}
     if isinstance(m, QMlp):
-        slq = {"bits": m.slq_bits, "substeps": m.slq_substeps, "shift": m.slq_shift} if m.slq else None
+        slq = ({"bits": m.slq_bits, "substeps": m.slq_substeps, "shift": m.slq_shift, "scale": m.slq_scale_value}
+               if m.slq else None)
         return {"type": "QMlp", "fc1": module_config(m.fc1), "fc2": module_config(m.fc2), "slq": slq}
     if isinstance(m, QBlock):
         return {"type": "QBlock", "ln1": module_config(m.ln1), "attn": module_config(m.attn),
@@ -274,8 +276,6 @@ def module_from_config(cfg: dict) -> nn.Module:
                           cfg["p_bits"], cfg["p_substeps"])
     if t == "QMlp":
         slq = cfg["slq"]
-        if slq is not None:
-            slq = dict(slq, scale=1.0)
         return QMlp(module_from_config(cfg["fc1"]), module_from_config(cfg["fc2"]), slq)
     if t == "QBlock":
         d = cfg["dim"]

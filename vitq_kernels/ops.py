@@ -96,7 +96,8 @@ def layernorm_quantize(x, weight, bias, eps=1e-6, bits=8, scale=None, zero=None,
 def qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None, outlier_idx=None,
                          outlier_val=None, a_bits=8, w_bits=8, shift=-0.17, out_scale=1.0, out_bits=4, substeps=0):
     """fc1: qgemm -> exact GELU -> Shift-Log2 codes, uint8 [M, N] one code per byte; the fp32
-    activation is never written (on GPU).  See reference.qgemm_gelu_shiftlog2."""
+    activation is never written (on GPU).  The default shift -0.17 is GELU's minimum
+    (reference.GELU_MIN = -0.169971...) minus eps = 2.9e-5.  See reference.qgemm_gelu_shiftlog2."""
     return torch.ops.vitq.qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias,
                                                outlier_idx, outlier_val, a_bits, w_bits, float(shift),
                                                float(out_scale), out_bits, substeps)

@@ -4,11 +4,10 @@
 // row/column sums, the outlier term in fp32 in slot order, and the per-token x
 // per-channel fp32 epilogue.
 //
-// Exactness: each K-chunk of at most kChunkK products is summed in int32 (|a w| <= 2^14,
-// so a chunk cannot overflow); chunks and corrections are then added modulo 2^32, which
-// is what the reference's int64 -> int32 cast computes.  The epilogue performs the
-// reference's fp32 operations in its order; the baseline and AVX2 builds have no FMA, so
-// no contraction happens either.
+// Exactness: K <= 32768 (as in the reference), so the dot products (|a w| <= 2^14) and the
+// corrected accumulator (|acc| <= K 255^2) fit in int32; the corrections are formed in
+// int64.  The epilogue performs the reference's fp32 operations in its order; the
+// baseline and AVX2 builds have no FMA, so no contraction happens either.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -25,7 +24,7 @@ namespace {
 
 constexpr const char* kOp = "qgemm";
 constexpr int64_t kTileM = 64, kTileN = 64;
-constexpr int64_t kChunkK = 1 << 15;
+constexpr int64_t kMaxK = 32768;
 constexpr int kBlockM = 4, kBlockN = 4;
 
 struct GemmArgs {
@@ -46,19 +45,27 @@ struct GemmArgs {
   at::ScalarType out_dtype;
 };
 
-// acc[r][c] += sum_k a[r][k] w[c][k] over one K-chunk (wrapping add into uint32).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p);
+#else
+  (void)p;
+#endif
+}
+
+// acc[r][c] = sum_k a[r][k] w[c][k] for an RM x RN block.
 template <int RM, int RN>
-inline void dot_block(const int16_t* __restrict a, const int16_t* __restrict w, int64_t ld, int64_t kc,
-                      uint32_t* __restrict acc, int64_t ld_acc) {
+inline void dot_block(const int16_t* __restrict a, const int16_t* __restrict w, int64_t K,
+                      int32_t* __restrict acc, int64_t ld_acc) {
   int32_t sum[RM][RN] = {};
-  for (int64_t k = 0; k < kc; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
 #pragma GCC unroll 4
     for (int r = 0; r < RM; ++r)
 #pragma GCC unroll 4
-      for (int c = 0; c < RN; ++c) sum[r][c] += int32_t(a[r * ld + k]) * int32_t(w[c * ld + k]);
+      for (int c = 0; c < RN; ++c) sum[r][c] += int32_t(a[r * K + k]) * int32_t(w[c * K + k]);
   }
   for (int r = 0; r < RM; ++r)
-    for (int c = 0; c < RN; ++c) acc[r * ld_acc + c] += static_cast<uint32_t>(sum[r][c]);
+    for (int c = 0; c < RN; ++c) acc[r * ld_acc + c] = sum[r][c];
 }
 
 template <typename T>
@@ -68,7 +75,7 @@ inline void store_row(const float* y, int64_t n, void* out, int64_t offset) {
 }
 
 // y_ij = sw_j (s_i float(acc_ij) + o_ij) + bias_j for row i, columns j0 .. j0+nb-1.
-inline void epilogue_row(const GemmArgs& g, int64_t i, int64_t j0, int64_t nb, const uint32_t* acc, float* y,
+inline void epilogue_row(const GemmArgs& g, int64_t i, int64_t j0, int64_t nb, const int32_t* acc, float* y,
                          float* o) {
   const float s = g.a_scale[i];
   const int64_t za = g.a_zero[i], ra = g.a_rowsum[i];
@@ -76,10 +83,16 @@ inline void epilogue_row(const GemmArgs& g, int64_t i, int64_t j0, int64_t nb, c
     const int64_t j = j0 + jj;
     int64_t corr = -za * g.w_colsum[j];
     if (g.w_zero) corr += -int64_t(g.w_zero[j]) * ra + g.K * za * g.w_zero[j];
-    const int32_t exact = static_cast<int32_t>(acc[jj] + static_cast<uint32_t>(corr));
+    const int32_t exact = static_cast<int32_t>(acc[jj] + corr);
     y[jj] = s * static_cast<float>(exact);
   }
   if (g.C > 0) {
+    // the slots' columns are scattered rows of wt: request them all before summing in order
+    for (int64_t c = 0; c < g.C; ++c) {
+      if (g.o_val[i * g.C + c] == 0.f) continue;
+      const int16_t* col = g.wt + int64_t(g.o_idx[i * g.C + c]) * g.N + j0;
+      for (int64_t jj = 0; jj < nb; jj += 32) prefetch(col + jj);
+    }
     std::fill(o, o + nb, 0.f);
     for (int64_t c = 0; c < g.C; ++c) {  // slot order, as the reference sums
       const float v = g.o_val[i * g.C + c];
@@ -109,29 +122,25 @@ inline void epilogue_row(const GemmArgs& g, int64_t i, int64_t j0, int64_t nb, c
 // Tiles t0 .. t1-1 of the kTileM x kTileN grid (row-major over tiles).
 VITQ_CPU_CLONES void qgemm_tiles(const GemmArgs& g, int64_t t0, int64_t t1) {
   const int64_t tiles_n = at::divup(g.N, kTileN);
-  uint32_t acc[kTileM * kTileN];
+  int32_t acc[kTileM * kTileN];
   float y[kTileN], o[kTileN];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t i0 = (t / tiles_n) * kTileM, j0 = (t % tiles_n) * kTileN;
     const int64_t mb = std::min(kTileM, g.M - i0), nb = std::min(kTileN, g.N - j0);
-    std::fill(acc, acc + kTileM * kTileN, 0u);
-    for (int64_t k0 = 0; k0 < g.K; k0 += kChunkK) {
-      const int64_t kc = std::min(kChunkK, g.K - k0);
-      const int16_t* a = g.a + i0 * g.K + k0;
-      const int16_t* w = g.w + j0 * g.K + k0;
-      int64_t r = 0;
-      for (; r + kBlockM <= mb; r += kBlockM) {
-        int64_t c = 0;
-        for (; c + kBlockN <= nb; c += kBlockN)
-          dot_block<kBlockM, kBlockN>(a + r * g.K, w + c * g.K, g.K, kc, acc + r * kTileN + c, kTileN);
-        for (; c < nb; ++c) dot_block<kBlockM, 1>(a + r * g.K, w + c * g.K, g.K, kc, acc + r * kTileN + c, kTileN);
-      }
-      for (; r < mb; ++r) {
-        int64_t c = 0;
-        for (; c + kBlockN <= nb; c += kBlockN)
-          dot_block<1, kBlockN>(a + r * g.K, w + c * g.K, g.K, kc, acc + r * kTileN + c, kTileN);
-        for (; c < nb; ++c) dot_block<1, 1>(a + r * g.K, w + c * g.K, g.K, kc, acc + r * kTileN + c, kTileN);
-      }
+    const int16_t* a = g.a + i0 * g.K;
+    const int16_t* w = g.w + j0 * g.K;
+    int64_t r = 0;
+    for (; r + kBlockM <= mb; r += kBlockM) {
+      int64_t c = 0;
+      for (; c + kBlockN <= nb; c += kBlockN)
+        dot_block<kBlockM, kBlockN>(a + r * g.K, w + c * g.K, g.K, acc + r * kTileN + c, kTileN);
+      for (; c < nb; ++c) dot_block<kBlockM, 1>(a + r * g.K, w + c * g.K, g.K, acc + r * kTileN + c, kTileN);
+    }
+    for (; r < mb; ++r) {
+      int64_t c = 0;
+      for (; c + kBlockN <= nb; c += kBlockN)
+        dot_block<1, kBlockN>(a + r * g.K, w + c * g.K, g.K, acc + r * kTileN + c, kTileN);
+      for (; c < nb; ++c) dot_block<1, 1>(a + r * g.K, w + c * g.K, g.K, acc + r * kTileN + c, kTileN);
     }
     for (int64_t r = 0; r < mb; ++r) epilogue_row(g, i0 + r, j0, nb, acc + r * kTileN, y, o);
   }
@@ -195,6 +204,7 @@ at::Tensor qgemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::T
   const int64_t Kw = w.size(1) * (w_bits == 4 ? 2 : 1);
   TORCH_CHECK_VALUE(K == Kw, kOp, ": K mismatch: activations have ", K, ", weights ", Kw,
                     " (a 4-bit tensor holds K/2 bytes per row)");
+  TORCH_CHECK_VALUE(K <= kMaxK, kOp, ": K=", K, " > ", kMaxK, ": the int32 accumulator could overflow");
   check_tensor(a_scale, at::kFloat, {M}, kOp, "a_scale");
   check_tensor(a_zero, at::kInt, {M}, kOp, "a_zero");
   check_tensor(a_rowsum, at::kInt, {M}, kOp, "a_rowsum");
@@ -203,7 +213,8 @@ at::Tensor qgemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::T
   check_tensor(w_colsum, at::kInt, {N}, kOp, "w_colsum");
   at::Tensor bias_f32;
   if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->is_floating_point(), kOp, ": bias must be a float tensor, got ", dtype_name(bias->scalar_type()));
+    TORCH_CHECK_TYPE(bias->is_floating_point(), kOp, ": bias must be a float tensor, got ",
+                     dtype_name(bias->scalar_type()));
     check_tensor(*bias, bias->scalar_type(), {N}, kOp, "bias");
     bias_f32 = bias->to(at::kFloat);
   }
@@ -219,8 +230,8 @@ at::Tensor qgemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::T
     check_tensor(*outlier_val, at::kFloat, outlier_idx->sizes(), kOp, "outlier_val");
     const int32_t* p = outlier_idx->data_ptr<int32_t>();
     for (int64_t e = 0; e < M * C; ++e)
-      TORCH_CHECK_VALUE(p[e] >= 0 && p[e] < K, kOp, ": outlier_idx[", e / C, ", ", e % C, "] = ", p[e],
-                        " is outside [0, K=", K, ")");
+      TORCH_CHECK_VALUE(p[e] >= 0 && p[e] < K, kOp, ": outlier_idx must lie in [0, K=", K, "); outlier_idx[",
+                        e / C, ", ", e % C, "] = ", p[e]);
   }
   TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, kOp,
                     ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));

@@ -238,7 +238,112 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--quantized", default=None, help="folder written by `vitq quantize --out`")
     e.set_defaults(func=cmd_eval)
+    d = sub.add_parser("demo", help="the main job: DINOv2-S + Fashion-MNIST probe, W4A4, export, run, table, plot")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--n-test", type=int, default=300)
+    d.add_argument("--preset", default=None, choices=("fast", "paper"), help="default: paper on GPU, fast on CPU")
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=cmd_demo)
+    x = sub.add_parser("export", help="turn a saved fake-quant model into a deploy artifact on torch.ops.vitq")
+    x.add_argument("--quantized", required=True, help="folder written by `vitq quantize --out`")
+    x.add_argument("--model", default="dinov2_small_fmnist")
+    x.add_argument("--checkpoint", default=None)
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
+    r = sub.add_parser("run", help="inference with a deploy artifact over an image folder or the bundled images")
+    r.add_argument("--artifact", required=True)
+    r.add_argument("--data", default="fashion-mnist", help="fashion-mnist | foolbox-imagenet | a folder path")
+    r.add_argument("--n", type=int, default=16)
+    r.add_argument("--device", default=None)
+    r.set_defaults(func=cmd_run)
+    b = sub.add_parser("bench", help="latency / throughput / peak memory of a deploy artifact vs the fp model")
+    b.add_argument("--artifact", required=True)
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--device", default=None)
+    b.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_demo(args) -> dict:
+    from .demo import run_demo
+    return run_demo(args.out, n_test=args.n_test, preset=args.preset, device=args.device)
+
+
+def cmd_export(args) -> dict:
+    from .api import load_quantized
+    from .export import export, save, skeleton_of
+    fp = build_model(args.model, args.checkpoint)
+    qm = load_quantized(args.quantized, fp)
+    timm_name = None if args.model.startswith("dinov2_small") else args.model
+    path = save(export(qm), args.out, skeleton_of(fp, timm_name=timm_name), {"source": str(args.quantized)})
+    print(f"wrote deploy artifact {path}")
+    return {"artifact": str(path)}
+
+
+def _artifact_and_data(args):
+    import torch
+    from .export import load
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.artifact, device=dev)
+    return model, dev
+
+
+def cmd_run(args) -> dict:
+    import torch
+    from . import data
+    model, dev = _artifact_and_data(args)
+    key = args.data.lower().replace("_", "-")
+    if key == "fashion-mnist":
+        ds = data.fashion_mnist("test", n=args.n, model=model)
+    elif key.startswith("foolbox-"):
+        ds = data.foolbox_images(key.split("-", 1)[1], model=model)
+    else:
+        ds = data.image_folder(args.data, model=model)
+    classes = getattr(ds, "classes", None)
+    rows = []
+    with torch.no_grad():
+        for i in range(min(args.n, len(ds))):
+            img, label = ds[i]
+            pred = int(model(img[None].to(dev)).argmax(-1))
+            name = classes[pred] if classes and pred < len(classes) else str(pred)
+            rows.append((i, pred, int(label)))
+            print(f"image {i}: predicted {name} (class {pred}), label {label}")
+    acc = 100.0 * sum(p == y for _, p, y in rows) / max(1, len(rows))
+    print(f"top-1 on {len(rows)} images: {acc:.1f}% (torch.ops.vitq kernels on {dev})")
+    return {"top1": acc, "n": len(rows)}
+
+
+def cmd_bench(args) -> dict:
+    import time
+    import torch
+    from .export import build_skeleton
+    model, dev = _artifact_and_data(args)
+    import json
+    from pathlib import Path
+    cfg = json.loads((Path(args.artifact) / "config.json").read_text())
+    fp = build_skeleton(cfg["skeleton"]).eval().to(dev)
+    size = fp.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    x = torch.randn(args.batch, 3, size, size, device=dev)
+    out = {}
+    for name, m, xx in (("fp16" if dev == "cuda" else "fp32", fp.half() if dev == "cuda" else fp,
+                         x.half() if dev == "cuda" else x), ("vitq", model, x)):
+        with torch.no_grad():
+            m(xx)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                m(xx)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+        ms = 1000 * sorted(ts)[2]
+        peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else float("nan")
+        out[name] = {"latency_ms": ms, "images_per_s": 1000 * args.batch / ms, "peak_mb": peak}
+        print(f"{name}: {ms:.1f} ms / batch {args.batch}, {1000 * args.batch / ms:.1f} img/s, peak {peak:.0f} MB")
+    return out
 
 
 def main(argv=None) -> int:

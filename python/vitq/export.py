@@ -231,7 +231,8 @@ def build_skeleton(skeleton: dict) -> nn.Module:
     builder = skeleton.get("builder")
     if builder == "timm":
         import timm
-        return timm.create_model(skeleton["name"], pretrained=False, **skeleton.get("kwargs", {}))
+        kw = {k: v for k, v in skeleton.get("kwargs", {}).items() if k != "pretrained"}
+        return timm.create_model(skeleton["name"], pretrained=False, **kw)
     if builder == "dinov2_probe":
         # DINOv2-S/14 + linear probe (the default model); weights come from the artifact
         import timm
@@ -239,6 +240,8 @@ def build_skeleton(skeleton: dict) -> nn.Module:
         kw = skeleton["kwargs"]
         backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
                                      dynamic_img_size=True, img_size=kw["img_size"])
+        size = kw["img_size"]
+        backbone.pretrained_cfg = dict(backbone.pretrained_cfg, input_size=(3, size, size))
         return ProbeClassifier(backbone, nn.Linear(kw["in_features"], kw["num_classes"]), pool=kw["pool"])
     raise ArtifactError(f"unknown skeleton builder {builder!r}")
 

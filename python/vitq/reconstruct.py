@@ -25,6 +25,7 @@ Hooks for other methods (e.g. DHE's ranking loss, TP-ViT's bit decline):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Dict, List, Optional
@@ -152,42 +153,18 @@ class CachedInputs:
         return tuple(out), kw
 
 
-def capture_inputs(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int, device,
-                   quantized: bool) -> CachedInputs:
-    """Runs ``model`` (fp or quantized) over ``images`` up to ``unit`` and keeps its inputs."""
-    calls = []
+def _to_cpu(v):
+    return v.detach().cpu() if isinstance(v, torch.Tensor) else v
 
-    def hook(_m, args, kwargs):
-        calls.append(([a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args],
-                      {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}))
-        raise _Stop
 
-    h = unit.register_forward_pre_hook(hook, with_kwargs=True)
-    sizes = []
-    try:
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i:i + batch_size].to(device)
-            sizes.append(x.shape[0])
-            try:
-                with torch.no_grad():
-                    if quantized:
-                        model(x)
-                    else:
-                        with fp_mode(model):
-                            model(x)
-            except _Stop:
-                pass
-            else:
-                raise RuntimeError("the unit was not called during the forward pass")
-    finally:
-        h.remove()
+def _stack_calls(calls, sizes) -> CachedInputs:
+    """Per-call (args, kwargs) of chunks of ``sizes`` images -> per-image CachedInputs."""
     first_args, kwargs = calls[0]
     args, per_image, ks = [], [], []
     for j, a0 in enumerate(first_args):
         if isinstance(a0, torch.Tensor) and a0.dim() >= 1 and a0.shape[0] % sizes[0] == 0:
             k = a0.shape[0] // sizes[0]
-            parts = [c[0][j].reshape(b, k, *c[0][j].shape[1:]) for c, b in zip(calls, sizes)]
-            args.append(torch.cat(parts))
+            args.append(torch.cat([c[0][j].reshape(b, k, *c[0][j].shape[1:]) for c, b in zip(calls, sizes)]))
             per_image.append(True)
             ks.append(k)
         else:
@@ -195,6 +172,88 @@ def capture_inputs(model: nn.Module, unit: nn.Module, images: torch.Tensor, batc
             per_image.append(False)
             ks.append(0)
     return CachedInputs(args, kwargs, per_image, ks)
+
+
+def _capture(target: nn.Module, chunks, quantized: bool, scope: nn.Module) -> CachedInputs:
+    """Runs each ``fn`` of ``chunks`` = [(fn, n_images)] until ``target`` is called; keeps its inputs.
+    ``scope``: the module whose quantizers fp mode switches off."""
+    calls, sizes = [], []
+
+    def hook(_m, args, kwargs):
+        calls.append(([_to_cpu(a) for a in args], {k: _to_cpu(v) for k, v in kwargs.items()}))
+        raise _Stop
+
+    h = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for fn, b in chunks:
+            sizes.append(b)
+            try:
+                with torch.no_grad(), (contextlib.nullcontext() if quantized else fp_mode(scope)):
+                    fn()
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError("the module to capture was not called during the forward pass")
+    finally:
+        h.remove()
+    return _stack_calls(calls, sizes)
+
+
+def _image_chunks(model, images, batch_size, device):
+    return [((lambda x=images[i:i + batch_size]: model(x.to(device))), min(batch_size, images.shape[0] - i))
+            for i in range(0, images.shape[0], batch_size)]
+
+
+def _cached_chunks(module, cached: CachedInputs, batch_size, device, sink=None):
+    out = []
+    for i in range(0, cached.n, batch_size):
+        idx = torch.arange(i, min(i + batch_size, cached.n))
+
+        def fn(idx=idx):
+            args, kw = cached.batch(idx, device)
+            y = module(*args, **kw)
+            if sink is not None:
+                sink.append(y)
+        out.append((fn, len(idx)))
+    return out
+
+
+def capture_inputs(model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int, device,
+                   quantized: bool) -> CachedInputs:
+    """Runs ``model`` (fp or quantized) over ``images`` up to ``unit`` and keeps its inputs."""
+    return _capture(unit, _image_chunks(model, images, batch_size, device), quantized, model)
+
+
+def capture_from(block: nn.Module, cached: CachedInputs, unit: nn.Module, batch_size: int, device,
+                 quantized: bool) -> CachedInputs:
+    """Like capture_inputs, starting from the cached inputs of ``block`` (which contains ``unit``)."""
+    if unit is block:
+        return cached
+    return _capture(unit, _cached_chunks(block, cached, batch_size, device), quantized, block)
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, cached: CachedInputs, batch_size: int, device, quantized: bool) -> CachedInputs:
+    """The outputs of ``block`` on its cached inputs, as the cached inputs of the next block of a
+    Sequential (same keyword arguments)."""
+    outs, sizes = [], []
+    for fn, b in _cached_chunks(block, cached, batch_size, device, sink=outs):
+        with (contextlib.nullcontext() if quantized else fp_mode(block)):
+            fn()
+        sizes.append(b)
+    calls = [([_to_cpu(y)], cached.kwargs) for y in outs]
+    return _stack_calls(calls, sizes)
+
+
+def _next_in_sequential(model: nn.Module, prev: nn.Module, block: nn.Module) -> bool:
+    """True when ``block`` directly follows ``prev`` in the same nn.Sequential."""
+    for m in model.modules():
+        if isinstance(m, nn.Sequential):
+            kids = list(m.children())
+            for a, b in zip(kids, kids[1:]):
+                if a is prev and b is block:
+                    return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,11 +293,48 @@ def _extra_losses(cfg: ADFQConfig):
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
+class Targets:
+    """The fp unit's outputs (and attention probabilities) for every cached image, on the CPU,
+    computed once per unit."""
+
+    def __init__(self, out: torch.Tensor, probs: List[torch.Tensor]):
+        self.out, self.probs = out, probs  # [n, k, ...] per image
+
+    @staticmethod
+    def _per_image(t: torch.Tensor, b: int) -> torch.Tensor:
+        return t.detach().reshape(b, t.shape[0] // b, *t.shape[1:]).cpu()
+
+    @staticmethod
+    def _flat(t: torch.Tensor, device) -> torch.Tensor:
+        return t.reshape(-1, *t.shape[2:]).to(device, non_blocking=True)
+
+    def batch(self, idx: torch.Tensor, device):
+        return self._flat(self.out[idx], device), [self._flat(p[idx], device) for p in self.probs]
+
+
+@torch.no_grad()
+def compute_targets(unit: "Unit", fp_in: CachedInputs, device, batch_size: int, with_probs: bool) -> Targets:
+    outs, probs = [], []
+    for i in range(0, fp_in.n, batch_size):
+        idx = torch.arange(i, min(i + batch_size, fp_in.n))
+        args, kw = fp_in.batch(idx, device)
+        with fp_mode(unit.module), record_attention(unit.module) as mods:
+            out = unit.module(*args, **kw)
+            p = [m.last_probs for m in mods] if with_probs else []
+        outs.append(Targets._per_image(out, len(idx)))
+        probs.append([Targets._per_image(t, len(idx)) for t in p])
+    return Targets(torch.cat(outs), [torch.cat(ps) for ps in zip(*probs)] if with_probs else [])
+
+
 def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: ADFQConfig, device,
-                     generator: torch.Generator, bar=None) -> dict:
+                     generator: torch.Generator, bar=None, targets: Optional[Targets] = None) -> dict:
     iters, bs = cfg.resolved("iters"), cfg.resolved("batch_size")
     n = q_in.n
     layers = unit.layers
+    extras = _extra_losses(cfg) if unit.has_attention else []
+    use_kl = unit.kind == "mha" and cfg.kl_weight > 0
+    if targets is None:
+        targets = compute_targets(unit, fp_in, device, max(bs, cfg.eval_batch_size), use_kl or bool(extras))
     v_params = [layer.weight_quant.start_adaround(layer.weight) for layer in layers]
     s_params = []
     if cfg.learn_act_scales:
@@ -247,8 +343,6 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
         p.requires_grad_(True)
     opt_v = torch.optim.Adam(v_params, lr=cfg.lr_v)
     opt_s = torch.optim.Adam(s_params, lr=cfg.lr_scale) if s_params else None
-    extras = _extra_losses(cfg) if unit.has_attention else []
-    use_kl = unit.kind == "mha" and cfg.kl_weight > 0
     for q in unit.act_quantizers:
         q.drop_prob = cfg.qdrop_prob
     first = last = None
@@ -258,11 +352,8 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
             for hook in cfg.step_hooks:
                 hook(step, iters, unit)
             idx = torch.randint(0, n, (min(bs, n),), generator=generator)
-            xf, kw_f = fp_in.batch(idx, device)
+            out_fp, probs_fp = targets.batch(idx, device)
             xq, kw_q = q_in.batch(idx, device)
-            with torch.no_grad(), fp_mode(unit.module), record_attention(unit.module) as mods:
-                out_fp = unit.module(*xf, **kw_f)
-                probs_fp = [m.last_probs for m in mods]
             with record_attention(unit.module) as mods:
                 out_q = unit.module(*xq, **kw_q)
                 probs_q = [m.last_probs for m in mods]
@@ -305,6 +396,51 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
     return {"unit": unit.name, "kind": unit.kind, "first_output_loss": first, "last_output_loss": last}
 
 
+def _block_of(model: nn.Module, unit: Unit) -> nn.Module:
+    """The transformer block holding a unit (the unit itself for block-wise reconstruction)."""
+    if unit.kind == "block":
+        return unit.module
+    parent = unit.name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else unit.module
+
+
+class _InputStream:
+    """Cached fp and quantized inputs of the current block.  Moving to the next block of the same
+    nn.Sequential runs only the finished block on its cached inputs (checked once against a full
+    forward); otherwise the inputs are captured from the images.  This keeps capture O(depth)."""
+
+    def __init__(self, model, images, batch_size, device):
+        self.model, self.images, self.bs, self.device = model, images, batch_size, device
+        self.block = self.fp = self.q = None
+        self.chain_ok = None
+
+    def _full(self, block):
+        return (capture_inputs(self.model, block, self.images, self.bs, self.device, quantized=False),
+                capture_inputs(self.model, block, self.images, self.bs, self.device, quantized=True))
+
+    def enter(self, block: nn.Module):
+        if block is self.block:
+            return
+        prev = self.block
+        if prev is not None and self.chain_ok is not False and _next_in_sequential(self.model, prev, block):
+            fp = run_block(prev, self.fp, self.bs, self.device, quantized=False)
+            q = run_block(prev, self.q, self.bs, self.device, quantized=True)
+            if self.chain_ok is None:  # verify once that the Sequential really feeds block by block
+                ref = capture_inputs(self.model, block, self.images[:self.bs], self.bs, self.device, True)
+                mine = q.args[0][:ref.args[0].shape[0]]
+                self.chain_ok = (len(ref.args) == 1 and ref.args[0].shape == mine.shape
+                                 and torch.allclose(ref.args[0], mine, rtol=1e-4, atol=1e-5))
+            if self.chain_ok:
+                self.block, self.fp, self.q = block, fp, q
+                return
+        self.block = block
+        self.fp, self.q = self._full(block)
+
+    def unit_inputs(self, unit: Unit):
+        return (capture_from(self.block, self.fp, unit.module, self.bs, self.device, quantized=False),
+                capture_from(self.block, self.q, unit.module, self.bs, self.device, quantized=True))
+
+
 def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ADFQConfig, device=None) -> List[dict]:
     """Runs AMO (cfg.recon == 'module') or block-wise reconstruction over all units in order."""
     device = torch.device(device or next(model.parameters()).device)
@@ -312,6 +448,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ADFQConfig, device=
     iters = cfg.resolved("iters")
     fwd_bs = max(cfg.resolved("batch_size"), cfg.eval_batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
+    stream = _InputStream(model, images, fwd_bs, device)
     stats = []
     bar = None
     if cfg.progress:
@@ -321,8 +458,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ADFQConfig, device=
     try:
         for unit in units:
             t0 = time.perf_counter()
-            fp_in = capture_inputs(model, unit.module, images, fwd_bs, device, quantized=False)
-            q_in = capture_inputs(model, unit.module, images, fwd_bs, device, quantized=True)
+            stream.enter(_block_of(model, unit))
+            fp_in, q_in = stream.unit_inputs(unit)
             st = reconstruct_unit(unit, fp_in, q_in, cfg, device, gen, bar)
             st["seconds"] = time.perf_counter() - t0
             stats.append(st)

@@ -7,13 +7,13 @@ from that same y the scale and zero point (dynamic min/max of the non-outliers, 
 static per-position entry), the codes (int8, or packed int4), the row sum, and the outlier
 list.  Only the codes and the small per-row outputs are written; y never is.
 
-Exactness: the LayerNorm's reduction order differs from torch's, so y differs from the
+Exactness: the LayerNorm is not torch's operation for operation, so y differs from the
 reference's in the last places (reference.layernorm_error_bound gives the contract); the
 quantization of y is exact (correctly rounded fp32 division, round half to even), so the
-outputs are bit for bit reference.per_token_quantize(y).  The kernel is launched with
-fp-contraction off and blocks that depend on K alone, so y is the same in every call with
-the same x, whatever the other arguments (the tests rely on this to read y back through
-the outlier list).
+outputs are bit for bit reference.per_token_quantize(y).  The row statistics are summed
+in float64 and the kernel runs with fp-contraction off, so y depends on x, weight, bias
+and eps alone, not on the tile, the layout Triton picks or the other arguments: the tests
+read y back through the outlier list of one call and check the codes of another.
 
 Errors (non-finite x, LayerNorm overflow, bad static scales / zero points, a row with
 more than C outliers) are raised by the launcher from a status word the kernel writes:
@@ -60,10 +60,14 @@ def _layernorm_quantize_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask=ok, other=0.0)
     x = x.to(tl.float32)
     x_bad = tl.sum((ok & ~(tl.abs(x) <= FP32_MAX_C)).to(tl.int32), axis=1)
-    mean = tl.sum(x, axis=1) / K
+    # statistics in float64: a float64 sum of fp32 values (and of their exact squares) does
+    # not depend on the reduction order except in ties far below fp32 resolution, so y
+    # below is a function of x, weight, bias and eps alone, whatever the tile or layout
+    mean = (tl.sum(x.to(tl.float64), axis=1) / K).to(tl.float32)
     d = tl.where(ok, x - mean[:, None], 0.0)
-    var = tl.sum(d * d, axis=1) / K
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    d64 = d.to(tl.float64)
+    var = tl.sum(d64 * d64, axis=1) / K
+    rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)     # float64 sqrt is correctly rounded
     gamma = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     beta = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = (d * rstd[:, None]) * gamma[None, :] + beta[None, :]

@@ -258,4 +258,5 @@ def qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_col
     return codes
 
 
-__all__ = ["qgemm_gelu_shiftlog2", "DENSE_CONFIGS", "OUTLIER_CONFIGS", "INTERPRETER_CONFIG", "log2_code", "log2_code_constants", "check_log_args", "code_width"]
+__all__ = ["qgemm_gelu_shiftlog2", "DENSE_CONFIGS", "OUTLIER_CONFIGS", "INTERPRETER_CONFIG", "log2_code",
+           "log2_code_constants", "check_log_args", "code_width"]

@@ -193,20 +193,36 @@ def _config(bm, bn, bk, warps, stages, group_m=8):
                          num_warps=warps, num_stages=stages)
 
 
-# wgmma-eligible H100 tiles; fc2 is K = 4d (1536..4096), N = d
-GPU_CONFIGS = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 128, 128, 8, 3),
-    _config(64, 128, 128, 4, 4),
-    _config(128, 64, 128, 4, 4),
-    _config(64, 64, 128, 4, 3),
+# wgmma-eligible H100 tiles; fc2 is K = 4d (1536..4096), N = d.  Each plane keeps its own
+# int32 accumulator and the plane construction works on [BLOCK_M, BLOCK_K] int32 values, so
+# the tiles shrink with the plane count; every config below compiles for sm_90 without
+# register spills (checked with ptxas -v, see tests/test_shiftlog2.py::test_aot_sm90).
+CONFIGS_2_PLANES = [
+    _config(128, 128, 32, 8, 3),
+    _config(64, 128, 64, 4, 3),
+    _config(64, 128, 32, 4, 3),
+    _config(64, 64, 64, 4, 3),
+    _config(64, 64, 32, 4, 3),
+]
+CONFIGS_4_PLANES = [
+    _config(64, 64, 32, 4, 3),
+    _config(64, 32, 32, 4, 2),
+]
+CONFIGS_FLOAT = [
+    _config(128, 64, 32, 4, 3),
+    _config(64, 128, 32, 4, 3),
+    _config(64, 64, 64, 4, 3),
+    _config(64, 64, 32, 4, 3),
 ]
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+_TUNE_KEY = ["m_bucket", "N", "K", "BITS", "SUBSTEPS", "W_BITS", "HAS_W_ZERO", "HAS_BIAS"]
+_TUNED = {name: triton.autotune(configs=cfgs, key=_TUNE_KEY)(_shiftlog2_qgemm_kernel)
+          for name, cfgs in (("planes<=2", CONFIGS_2_PLANES), ("planes=4", CONFIGS_4_PLANES),
+                             ("float", CONFIGS_FLOAT))}
 
-_tuned = triton.autotune(
-    configs=GPU_CONFIGS,
-    key=["m_bucket", "N", "K", "BITS", "SUBSTEPS", "W_BITS", "HAS_W_ZERO", "HAS_BIAS"],
-)(_shiftlog2_qgemm_kernel)
+
+def configs_for(planes: int) -> str:
+    return "float" if planes == 0 else ("planes<=2" if planes <= 2 else "planes=4")
 
 
 def shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero=None, bias=None, w_bits=8,
@@ -257,7 +273,7 @@ def shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero=None, b
         _shiftlog2_qgemm_kernel[grid](*args, **flags, **cfg, num_warps=4, enable_fp_fusion=False)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned[grid](*args, **flags, enable_fp_fusion=False)
+        _TUNED[configs_for(planes)][grid](*args, **flags, enable_fp_fusion=False)
     return y
 
 
@@ -265,4 +281,4 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
 
 
-__all__ = ["shiftlog2_qgemm", "plan"]
+__all__ = ["shiftlog2_qgemm", "plan", "configs_for", "CONFIGS_2_PLANES", "CONFIGS_4_PLANES", "CONFIGS_FLOAT"]

