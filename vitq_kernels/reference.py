@@ -152,7 +152,7 @@ def extract_outliers(x: torch.Tensor, mask: torch.Tensor, capacity: int):
             "raise max_outliers (or the outlier threshold)")
     idx = torch.zeros(M, capacity, dtype=torch.int32)
     val = torch.zeros(M, capacity, dtype=torch.float32)
-    if capacity and M:
+    if capacity and M and K:
         # stable sort puts the outlier columns first, in increasing column order
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :capacity]
         if order.shape[1] < capacity:  # capacity > K: pad the slots past the last column

@@ -22,8 +22,9 @@ constexpr const char* kOp = "per_token_quantize";
 
 using QuantizeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// clamp(q, 0, levels) of an integer-valued (or infinite) float, as an int.  NaN, which
-// only a zero scale can produce (see the report on denormal ranges), maps to 0.
+// clamp(q, 0, levels) of an integer-valued (or infinite) float, as an int.  NaN maps to 0
+// (defined behaviour instead of a UB cast); only a zero scale can produce it, i.e. a
+// nonzero range below ~1e-44 whose range / levels underflows to 0.
 inline int32_t clamp_code(float q, float levels) {
   if (!(q > 0.f)) return 0;
   if (q >= levels) return static_cast<int32_t>(levels);
