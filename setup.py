@@ -12,6 +12,12 @@ import os
 
 from setuptools import setup
 
+# torch resolves CUDA_HOME when cpp_extension is imported, from `which nvcc`; on our machines
+# that is a /usr/local/bin wrapper, which would give CUDA_HOME=/usr/local (no headers, no
+# libcudart): point it at the toolkit first
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 import torch
 from torch.utils import cpp_extension
 
@@ -21,9 +27,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _want_cuda() -> bool:
     if os.environ.get("VITQ_SKIP_CUDA", "0") == "1" or torch.version.cuda is None:
         return False
-    if cpp_extension.CUDA_HOME is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
-        cpp_extension.CUDA_HOME = "/usr/local/cuda"
     return cpp_extension.CUDA_HOME is not None
 
 

@@ -242,7 +242,9 @@ fi
     tail -n 40 "$WORK/$name.log"
     printf '```\n'
   done
-  [ -f "$WORK/bench_qgemm.md" ] && printf '\n' && cat "$WORK/bench_qgemm.md"
+  for md in "$WORK"/bench_*.md; do
+    [ -f "$md" ] && printf '\n' && cat "$md"
+  done
 } >"$OUT/summary.md"
 cp "$WORK"/bench_qgemm.md "$WORK"/bench_qgemm.json "$OUT"/ 2>/dev/null
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
