@@ -2,6 +2,8 @@
 # with pinned dependencies and builds the extension first (scripts/bootstrap.sh).
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
+# the packages run from the checkout (vitq_kernels at the root, vitq under python/)
+export PYTHONPATH := $(CURDIR):$(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: bootstrap demo test test-fast cmake bench-cpu gpu-check
 
