@@ -21,6 +21,7 @@ import torch.nn as nn
 from .config import ADFQConfig
 from .quantizers import UniformActQuantizer
 from .reconstruct import reconstruct
+from .transforms import center_keys
 from .wrap import act_quantizers, fp_mode, is_wrapped, quant_layers, wrap_model
 
 STATE_FORMAT = "vitq-fakequant"
@@ -120,6 +121,10 @@ def quantize(model: nn.Module, config: Optional[ADFQConfig] = None, calib_data=N
         wrap_model(qmodel, cfg)
         qmodel.to(device)
         report = {"config": cfg.to_dict(), "calib_images": int(images.shape[0])}
+        if cfg.center_keys:
+            n_init = images.shape[0] if cfg.init_images is None else min(cfg.init_images, images.shape[0])
+            shifts = center_keys(qmodel, images[:n_init], cfg.eval_batch_size, device)
+            report["key_centering_max_shift"] = max(shifts.values(), default=0.0)
         _init_quantizers(qmodel, images, cfg, device)
         report["init_seconds"] = time.perf_counter() - t0
         if cfg.amo and cfg.resolved("iters") > 0:

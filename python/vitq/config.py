@@ -49,6 +49,9 @@ class ADFQConfig:
     softmax_quant: str = "log2"             # 'log2' | 'uniform' (the plain baseline)
     softmax_substeps: int = 0
 
+    # exact fp-equivalent rewrite: subtract each key channel's calibration midpoint (transforms.py)
+    center_keys: bool = True
+
     # initialisation of scales
     w_symmetric: bool = False
     w_init: str = "mse"                     # 'minmax' | 'mse'
@@ -145,9 +148,10 @@ class ADFQConfig:
     @classmethod
     def baseline(cls, w_bits: int = 4, a_bits: int = 4, **kw) -> "ADFQConfig":
         """Plain per-tensor min/max PTQ: every activation (softmax included) per-tensor uniform from
-        its min/max, per-channel min/max round-to-nearest weights, no reconstruction."""
+        its min/max, per-channel min/max round-to-nearest weights, no key centering, no
+        reconstruction."""
         base = dict(poq=False, slq=False, amo=False, softmax_quant="uniform", w_init="minmax",
-                    a_init="minmax")
+                    a_init="minmax", center_keys=False)
         base.update(kw)
         return cls(w_bits=w_bits, a_bits=a_bits, **base)
 
