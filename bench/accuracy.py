@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import vitq  # noqa: E402
-from vitq import data, models  # noqa: E402
+from vitq import data, metrics, models  # noqa: E402
 
 # row name -> (config switches, the CLI flags that reproduce it)
 ROWS = {
@@ -42,11 +42,23 @@ ROWS = {
     "slq+amo": (dict(poq=False, slq=True, amo=True), "--no-poq"),
     "all": (dict(poq=True, slq=True, amo=True), ""),
     "block": (dict(poq=True, slq=True, amo=True, recon="block"), "--recon block"),
+    # issue 6: the sibling methods on top of ADFQ-ViT (docs/tp_vit.md, docs/dhe.md)
+    "tpvit": (dict(softmax_quant="tul2", bit_decline="auto"), "--softmax-quant tul2 --bit-decline {decline}"),
+    "dhe": (dict(dhe=True), "--dhe"),
+    "tpvit+dhe": (dict(softmax_quant="tul2", bit_decline="auto", dhe=True),
+                  "--softmax-quant tul2 --bit-decline {decline} --dhe"),
 }
 LABELS = {"baseline": "per-tensor min/max PTQ", "none": "none", "poq": "POQ", "slq": "SLQ", "amo": "AMO",
           "poq+slq": "POQ+SLQ", "poq+amo": "POQ+AMO", "slq+amo": "SLQ+AMO", "all": "POQ+SLQ+AMO (ADFQ-ViT)",
-          "block": "POQ+SLQ + block-wise recon (BRECQ-style)"}
+          "block": "POQ+SLQ + block-wise recon (BRECQ-style)", "tpvit": "ADFQ-ViT + TP-ViT (trunc. log2, bit-decline)",
+          "dhe": "ADFQ-ViT + DHE (ranking loss)", "tpvit+dhe": "ADFQ-ViT + TP-ViT + DHE"}
 DEFAULT_ROWS = "baseline,none,poq,slq,amo,poq+slq,all"
+SIBLING_ROWS = "all,tpvit,dhe,tpvit+dhe"      # issue 6: python bench/accuracy.py --bits 4,3 --rows all,tpvit,dhe,tpvit+dhe
+
+
+def decline_schedule(bits: int) -> tuple:
+    """TP-ViT's progressive bit-decline from 8 bits down to the target (e.g. 8 -> 6 -> 4 -> 3)."""
+    return tuple(b for b in (8, 6, 4) if b > bits) + (bits,)
 
 
 def make_config(row: str, bits: int, args) -> vitq.ADFQConfig:
@@ -56,6 +68,8 @@ def make_config(row: str, bits: int, args) -> vitq.ADFQConfig:
     for name in ("iters", "calib_images", "batch_size"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if switches.get("bit_decline") == "auto":
+        switches["bit_decline"] = decline_schedule(bits)
     if switches.pop("baseline", False):
         return vitq.ADFQConfig.baseline(**kw)
     return vitq.ADFQConfig(**kw, **switches)
@@ -69,8 +83,17 @@ def cli_command(row: str, bits: int, args) -> str:
             parts.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     parts.append(f"--eval-images {args.eval_images}")
     if ROWS[row][1]:
-        parts.append(ROWS[row][1])
+        parts.append(ROWS[row][1].format(decline=",".join(map(str, decline_schedule(bits)))))
     return " ".join(parts)
+
+
+def _git_commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 @torch.no_grad()
@@ -91,12 +114,14 @@ def write_table(path: Path, results: list, meta: dict) -> None:
              f"{meta['calib_images']} train-split images (seed {meta['seed']}); preset `{meta['preset']}` "
              f"({meta['iters']} iterations per module, batch {meta['batch_size']}).", "",
              f"fp top-1: **{fp:.2f}%**. Device: {meta['device']}; {meta['machine']}; torch {meta['torch']}; "
-             f"{meta['threads']} CPU thread(s).", "",
-             "| bits | method | top-1 % | vs fp | agreement % | calib. s |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"{meta['threads']} CPU thread(s); commit {meta['commit']}.", "",
+             f"ARPR: attention ranking preservation rate (docs/dhe.md) on the first {meta['arpr_images']} "
+             f"evaluation images; fp ARPR is 100% by definition.", "",
+             "| bits | method | top-1 % | vs fp | agreement % | ARPR % | calib. s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| W{r['bits']}A{r['bits']} | {LABELS[r['row']]} | {r['top1']:.2f} | {r['top1'] - fp:+.2f} | "
-                     f"{r['agreement']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['agreement']:.2f} | {100 * r['arpr']:.1f} | {r['seconds']:.0f} |")
     lines += ["", "Reproduce the whole table:", "", "```", meta["command"], "```", "",
               "Each row alone (CLI; the same calibration images and evaluation images):", "", "```"]
     lines += [r["cli"] for r in results]
@@ -122,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="markdown path (default bench/results/accuracy_<device>_<preset>.md)")
     ap.add_argument("--note", action="append", default=[], help="a note line for the table")
+    ap.add_argument("--arpr-images", type=int, default=16, help="evaluation images for ARPR")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -146,7 +172,8 @@ def main(argv=None):
             "fp_top1": 100.0 * float((fp_pred == y_eval).float().mean()),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "arpr_images": args.arpr_images,
+            "commit": _git_commit(),
             "command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "notes": args.note}
     print(f"fp top-1 {meta['fp_top1']:.2f}% on {args.eval_images} images", flush=True)
@@ -161,6 +188,7 @@ def main(argv=None):
             res = {"bits": bits, "row": row, "top1": 100.0 * float((pred == y_eval).float().mean()),
                    "agreement": 100.0 * float((pred == fp_pred).float().mean()), "seconds": seconds,
                    "cli": cli_command(row, bits, args),
+                   "arpr": metrics.layer_report(qmodel, x_eval[:args.arpr_images].to(device))["arpr"],
                    "outlier_capacity_max": max([v["capacity"] for v in qmodel.vitq_report["outliers"].values()],
                                                default=0),
                    "outliers_seen_max": max([v["max_outliers_seen"] for v in qmodel.vitq_report["outliers"].values()],

@@ -31,5 +31,5 @@ TORCH_LIBRARY(vitq, m) {
   m.def(
       "log2_attention(Tensor q, Tensor k, Tensor v, Tensor q_scale, Tensor q_zero, Tensor k_scale, "
       "Tensor k_zero, Tensor v_scale, Tensor v_zero, float sm_scale, Tensor? bias, int p_bits, int substeps, "
-      "Tensor? out_scale, Tensor? out_zero, int out_bits, ScalarType out_dtype) -> Tensor");
+      "Tensor? out_scale, Tensor? out_zero, int out_bits, ScalarType out_dtype, int? p_max_code=None) -> Tensor");
 }

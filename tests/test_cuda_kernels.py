@@ -82,7 +82,7 @@ def _quant_case(M, N, K, a_bits, w_bits, symmetric, n_spikes, capacity_extra, wi
         capacity = int(count.max()) + capacity_extra if M else capacity_extra
     codes, s, z, rs, idx, val, _ = ref.per_token_quantize(x, a_bits, None, None, threshold, capacity)
     wc, sw, zw = ref.quantize_weight_per_channel(torch.randn(N, K) * (0.1 + torch.rand(N, 1)), w_bits, symmetric)
-    w = ref.pack_int4(wc) if w_bits == 4 else wc
+    w = ref.pack_int4(wc) if ref.is_packed(w_bits) else wc
     bias = torch.randn(N) if with_bias else None
     return dict(a=codes, a_scale=s, a_zero=z, a_rowsum=rs, w=w, w_scale=sw, w_zero=None if symmetric else zw,
                 w_colsum=ref.weight_colsum(wc), bias=bias, outlier_idx=idx if capacity else None,
@@ -144,7 +144,7 @@ def _check_quantize(x, bits, scale=None, zero=None, threshold=None, capacity=0):
 
 
 @requires_gpu
-@given(M=st.integers(1, 70), half_k=st.integers(1, 700), bits=st.sampled_from([4, 8]),
+@given(M=st.integers(1, 70), half_k=st.integers(1, 700), bits=st.sampled_from([3, 4, 8]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), n_spikes=st.integers(0, 6),
        extra=st.integers(0, 3))
 def test_per_token_quantize_cuda_dynamic(M, half_k, bits, dtype, n_spikes, extra):
@@ -158,10 +158,10 @@ def test_per_token_quantize_cuda_dynamic(M, half_k, bits, dtype, n_spikes, extra
 
 
 @requires_gpu
-@given(reps=st.integers(1, 4), T=st.integers(1, 9), K=st.integers(1, 500), bits=st.sampled_from([4, 8]),
+@given(reps=st.integers(1, 4), T=st.integers(1, 9), K=st.integers(1, 500), bits=st.sampled_from([3, 4, 8]),
        with_outliers=st.booleans())
 def test_per_token_quantize_cuda_static(reps, T, K, bits, with_outliers):
-    K += K % 2 if bits == 4 else 0
+    K += K % 2 if ref.is_packed(bits) else 0
     M = reps * T
     half = 1 << (bits - 1)
     x = _rows_with_outliers(M, K, 2 if with_outliers else 0, torch.float32)
@@ -178,7 +178,7 @@ def test_per_token_quantize_cuda_special_rows():
     x[0] = 0
     x[1] = 0.25
     x[2] = 50 * torch.sign(torch.randn(64))
-    for bits in (4, 8):
+    for bits in (3, 4, 8):
         _check_quantize(x, bits, threshold=10.0, capacity=64)
         _check_quantize(torch.empty(0, 32), bits)
         _check_quantize(torch.empty(0, 32), bits, torch.ones(1), torch.zeros(1, dtype=torch.int32))
@@ -225,7 +225,7 @@ def test_per_token_quantize_cuda_bad_inputs():
 # ---------------------------------------------------------------------------
 @requires_gpu
 @given(M=st.integers(1, 300), N=st.integers(1, 300), half_k=st.integers(1, 600),
-       bits=st.sampled_from([(8, 8), (8, 4), (4, 4), (4, 8)]), symmetric=st.booleans())
+       bits=st.sampled_from([(8, 8), (8, 4), (4, 4), (4, 8), (3, 3), (3, 8), (8, 3)]), symmetric=st.booleans())
 def test_qgemm_cuda_integer_accumulator_exact(M, N, half_k, bits, symmetric):
     # unit scales, no bias, no outliers: y = float(acc) (the int32 accumulator with the
     # zero-point corrections), compared bit for bit
@@ -239,7 +239,7 @@ def test_qgemm_cuda_integer_accumulator_exact(M, N, half_k, bits, symmetric):
 
 @requires_gpu
 @given(M=st.integers(1, 260), N=st.integers(1, 260), half_k=st.integers(1, 520),
-       bits=st.sampled_from([(8, 8), (8, 4), (4, 4)]), symmetric=st.booleans(), n_spikes=st.integers(0, 5),
+       bits=st.sampled_from([(8, 8), (8, 4), (4, 4), (3, 3)]), symmetric=st.booleans(), n_spikes=st.integers(0, 5),
        extra=st.integers(0, 3), with_bias=st.booleans(),
        out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_qgemm_cuda_matches_reference(M, N, half_k, bits, symmetric, n_spikes, extra, with_bias, out_dtype):
@@ -296,7 +296,7 @@ def test_qgemm_cuda_bad_inputs():
         return op(*args)
 
     with pytest.raises(ValueError, match="a_bits"):
-        call(a_bits=3)
+        call(a_bits=5)
     with pytest.raises(ValueError, match="out_dtype"):
         call(out_dtype=torch.int32)
     with pytest.raises(TypeError, match="int8"):
@@ -324,9 +324,9 @@ def test_opcheck_cuda_ops():
     torch.library.opcheck(torch.ops.vitq.pack_int4_cuda.default, (codes,))
     torch.library.opcheck(torch.ops.vitq.unpack_int4_cuda.default, (torch.ops.vitq.pack_int4_cuda(codes),))
     x = _rows_with_outliers(12, 40, 2, torch.float16).cuda()
-    for bits in (4, 8):
+    for bits in (3, 4, 8):
         torch.library.opcheck(torch.ops.vitq.per_token_quantize_cuda.default, (x, bits, None, None, 3.0, 4))
-    for bits in ((8, 8), (4, 4)):
+    for bits in ((8, 8), (4, 4), (3, 3)):
         case = _quant_case(20, 24, 48, bits[0], bits[1], False, 2, 1, True)
         torch.library.opcheck(torch.ops.vitq.qgemm_cuda.default, _qgemm_args(case, torch.bfloat16))
 

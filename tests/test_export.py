@@ -1,21 +1,22 @@
 """Export: the deploy model (torch.ops.vitq only) computes what the fake-quant model emulated.
 
 Models: DeiT-S and ViT-S shapes with random weights (2 blocks, 64 px, so the CPU suite stays
-fast; every block is the same code path), with W4A4 and W8A8.  The real DINOv2-S case runs
-in the demo and in bench/e2e.py.
+fast; every block is the same code path), with W4A4 and W8A8, and a small random Swin (window
+attention with relative-position bias and shift mask, patch merging).  The real DINOv2-S case
+is measured by bench/export_exactness.py.
 
-Why the thresholds: the fake-quant model and the kernels use the same codes except where a
-value computed in a different order (the fake model's fp32 matmul of dequantized values vs
-the kernels' exact integer product; LayerNorm, softmax, GELU) lands within a few ulps of a
-rounding boundary (reference.py documents each case).  A flipped code is a discontinuity of
-the quantized model itself: feeding the *fake* model an input perturbed by 2.5e-6 moves a
-2-block W8A8 output by up to 0.04 (measured), exactly as a flip between the two models does.
-So the tight check is per module on a shared input (>= 98% of tokens within 1e-5 relative);
-end to end it is statistical (half the images at logit cosine >= 0.9999, all >= 0.95; top-1
-equal wherever the fake model's top-2 margin exceeds twice the deviation).  Closing the
-end-to-end gap needs the fake model to use the kernels' exact integer GEMM in its forward.
+Bounds (issue 5): on the same inputs, top-1 agreement >= 99.9% and feature cosine >= 0.9999 for
+every image, on CPU with the CPU kernels.  They hold because without gradients the fake-quant
+model takes the integer path of vitq/exact.py: the same codes, the same exact integer products
+and the kernels' fp32 epilogues, LayerNorm/GELU/exp evaluated as the CPU kernels do.  Per block
+the outputs are then bit-identical except where a float64 LayerNorm/erfc/exp of another
+summation order or library rounds to the other fp32 neighbour (probability ~1e-7 per value),
+which can move a POQ outlier's fp32 value by one ulp but not flip a code in practice; the
+per-block check allows that (relative 1e-6 per token) and nothing larger.  The float emulation
+forward (used with gradients, for reconstruction) is checked separately to stay close.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 
 import vitq  # noqa: E402
+from vitq import exact as vexact  # noqa: E402
 from vitq.export import ArtifactError, ExportError, export, load, save, size_report  # noqa: E402
 from vitq_kernels import modules as dm  # noqa: E402
 
@@ -52,6 +54,19 @@ def _features_match(a, b):
     return cos
 
 
+def _assert_issue_bounds(a, b):
+    """Issue 5: top-1 agreement >= 99.9% and feature cosine >= 0.9999 on every input."""
+    cos = _features_match(a, b)
+    assert cos.min() >= 0.9999, cos.min()
+    assert (a.argmax(1) == b.argmax(1)).double().mean() >= 0.999
+
+
+def _assert_block_match(a, b):
+    rel = ((a - b).flatten(0, -2).norm(dim=-1) / a.flatten(0, -2).norm(dim=-1).clamp_min(1e-30))
+    # bit-identical except for one-ulp roundings of a float64 LayerNorm/erfc/exp (module doc)
+    assert (rel == 0).double().mean() >= 0.99 and rel.max() <= 1e-6, rel.max()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_deploy_matches_fake_quant(case):
     _, _, _, qm = _calibrated(case)
@@ -61,25 +76,38 @@ def test_deploy_matches_fake_quant(case):
     assert sum(isinstance(m, dm.QBlock) for m in dep.modules()) == 2
     x = torch.randn(16, 3, 64, 64)
     with torch.no_grad():
-        # module by module on the same input: the kernels compute what emulation computes
+        # module by module on the same input
         t = qm.norm_pre(qm._pos_embed(qm.patch_embed(x)))
         t_dep = dep.norm_pre(dep._pos_embed(dep.patch_embed(x)))
-        assert (t - t_dep).abs().max() <= 1e-5 * t.abs().max()
+        assert torch.equal(t, t_dep)
         for bq, bd in zip(qm.blocks, dep.blocks):
             a, b = bq(t), bd(t)
-            rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).flatten()
-            # all but a few tokens (those holding a boundary flip) agree to fp32 accumulation error
-            assert (rel <= 1e-5).double().mean() >= 0.98 and rel.max() <= 0.05, rel.max()
+            _assert_block_match(a, b)
             t = a
-        # end to end, flips propagate (see module doc)
         a, b = qm(x), dep(x)
-    cos = _features_match(a, b)
-    assert (cos >= 0.9999).double().mean() >= 0.5 and cos.min() >= 0.95, cos
-    # top-1 must agree wherever the fake model's top-2 margin exceeds what the deviation can flip
-    top2 = a.topk(2, dim=1).values
-    decisive = (top2[:, 0] - top2[:, 1]) > 2 * (a - b).abs().amax(dim=1)
-    assert decisive.any()
-    assert torch.equal(a.argmax(1)[decisive], b.argmax(1)[decisive])
+        with vexact.emulation():
+            emulated = qm(x)
+    _assert_issue_bounds(a, b)
+    # the float emulation (the reconstruction forward) lands on nearly the same model; a code flip
+    # between the two cascades through a random-weight W4A4 model, so this is judged on the median
+    # (measured: most images at cosine 1.0000, single images down to 0.87)
+    assert _features_match(emulated, a).median() >= 0.99
+
+
+def test_integer_path_only_without_gradients():
+    _, _, _, qm = _calibrated("deit_w4a4")
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        exact_out = qm(x)
+        with vexact.emulation():
+            emulated = qm(x)
+    with torch.enable_grad():
+        x.requires_grad_(True)
+        out = qm(x)
+        out.sum().backward()          # the emulation path is differentiable
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.equal(out.detach(), emulated)
+    assert not torch.equal(exact_out, emulated)
 
 
 def test_save_load_roundtrip_and_size(tmp_path):
@@ -141,3 +169,88 @@ def test_deploy_compiles_fullgraph():
     compiled = torch.compile(dep, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert torch.allclose(compiled(x), dep(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Swin: window attention (relative-position bias + shift mask), patch merging
+# ---------------------------------------------------------------------------------------------
+SWIN_KW = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+               num_classes=10)
+SWIN_NAME = "swin_tiny_patch4_window7_224"   # a registered timm Swin; SWIN_KW override its shape
+
+
+def _swin_calibrated():
+    if "swin" not in _cache:
+        torch.manual_seed(0)
+        fp = timm.create_model(SWIN_NAME, pretrained=False, **SWIN_KW).eval()
+        cfg = vitq.ADFQConfig(w_bits=4, a_bits=4, iters=2, calib_images=4, batch_size=2, progress=False)
+        _cache["swin"] = (fp, vitq.quantize(fp, cfg, torch.randn(4, 3, 64, 64)))
+    return _cache["swin"]
+
+
+def test_swin_deploy_matches_fake_quant(tmp_path):
+    fp, qm = _swin_calibrated()
+    dep = export(qm)
+    assert not any(type(m).__name__.startswith("Quant") for m in dep.modules())
+    blocks = [m for m in dep.modules() if isinstance(m, dm.QSwinBlock)]
+    assert len(blocks) == 4 and sum(isinstance(m, dm.QPatchMerging) for m in dep.modules()) == 1
+    # the shifted blocks carry one bias per window (relative-position bias + mask), the others one
+    assert [b.attn_bias.shape[0] for b in blocks] == [1, 16, 1, 4]
+    assert [b.shift_size for b in blocks] == [(0, 0), (2, 2), (0, 0), (2, 2)]
+    assert all(float(b.attn_bias.amin()) <= -99 for b in blocks[1::2])
+    x = torch.randn(16, 3, 64, 64)
+    with torch.no_grad():
+        t = qm.patch_embed(x)
+        assert torch.equal(t, dep.patch_embed(x))
+        for sq, sd in zip(qm.layers, dep.layers):
+            t_q, t_d = sq.downsample(t), sd.downsample(t)
+            _assert_block_match(t_q, t_d)
+            t = t_q
+            for bq, bd in zip(sq.blocks, sd.blocks):
+                a, b = bq(t), bd(t)
+                _assert_block_match(a, b)
+                t = a
+        a, b = qm(x), dep(x)
+    _assert_issue_bounds(a, b)
+    # save / load through the timm skeleton
+    path = save(dep, tmp_path / "swin", {"builder": "timm", "name": SWIN_NAME, "kwargs": SWIN_KW})
+    loaded = load(path, expect_model=SWIN_NAME)
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:4]), dep(x[:4]))
+
+
+def test_swin_deploy_compiles_fullgraph():
+    _, qm = _swin_calibrated()
+    dep = export(qm)
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(dep, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), dep(x))
+
+
+def test_swin_block_refuses_other_resolutions():
+    _, qm = _swin_calibrated()
+    shifted = [m for m in export(qm).modules() if isinstance(m, dm.QSwinBlock)][1]
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="not a multiple of the window"):
+            shifted(torch.randn(1, 10, 10, 32))
+        with pytest.raises(ValueError, match="shift mask depends on the resolution"):
+            shifted(torch.randn(1, 12, 12, 32))      # 9 windows, the mask was built for 16
+
+
+@pytest.mark.skipif(os.environ.get("VITQ_SLOW_TESTS") != "1",
+                    reason="Swin-T shape at 224 px: ~3 CPU-minutes; set VITQ_SLOW_TESTS=1 to run")
+def test_swin_tiny_shape_exports_and_runs():
+    # Swin-T's shape (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, 224 px), random weights,
+    # range calibration on two images: every stage, shifted windows and all three mergings deploy
+    torch.manual_seed(0)
+    fp = timm.create_model(SWIN_NAME, pretrained=False, num_classes=10).eval()
+    cfg = vitq.ADFQConfig(w_bits=4, a_bits=4, amo=False, calib_images=2, progress=False)
+    qm = vitq.quantize(fp, cfg, torch.randn(2, 3, 224, 224))
+    dep = export(qm)
+    assert sum(isinstance(m, dm.QSwinBlock) for m in dep.modules()) == 12
+    assert sum(isinstance(m, dm.QPatchMerging) for m in dep.modules()) == 3
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = qm(x), dep(x)
+    _assert_issue_bounds(a, b)

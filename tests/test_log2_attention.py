@@ -63,20 +63,21 @@ def out_quant(bits):
 # ---------------------------------------------------------------------------
 # comparison
 # ---------------------------------------------------------------------------
-def exact_config(p_bits, substeps):
-    return ((1 << p_bits) - 2) >> substeps <= 15
+def exact_config(p_bits, substeps, p_max_code=None):
+    max_code = (1 << p_bits) - 2 if p_max_code is None else p_max_code
+    return max_code >> substeps <= 15
 
 
-def tolerance(args, sm_scale, bias, p_bits, substeps, window):
+def tolerance(args, sm_scale, bias, p_bits, substeps, window, p_max_code=None):
     """Allowed |out - ref| per element [B, N, H, D] (float64) and the near-boundary count."""
     q, k, v, sq, zq, sk, zk, sv, zv = [a.cpu() for a in args]
     bias = bias.cpu() if bias is not None else None
     P = ref.log2_attention_probs(q, k, sq, zq, sk, zk, sm_scale, bias)
-    tol, n_near = ref.log2_attention_flip_bound(P, v, sv, zv, p_bits, substeps, window)
+    tol, n_near = ref.log2_attention_flip_bound(P, v, sv, zv, p_bits, substeps, window, p_max_code)
     H, N = q.shape[1], q.shape[2]
-    if not exact_config(p_bits, substeps):
+    if not exact_config(p_bits, substeps, p_max_code):
         # fp32 accumulation of the planes: (N - 1) 2^-24 sum_j 2^-(c >> m) |v - zv|, per plane
-        c = ref.log2_quantize(P, p_bits, 1.0, substeps).to(torch.int64)
+        c = ref.tul2_quantize(P, p_bits, substeps, p_max_code).to(torch.int64)
         w = torch.where(c < (1 << p_bits) - 1, torch.exp2(-(c >> substeps).double()), torch.zeros((), dtype=torch.float64))
         vh = (v.double() - zv.double().reshape(-1).expand(H)[None, :, None, None]).abs()
         acc = (w @ vh) * max(N - 1, 1) * 2.0 ** -24 * 1.5
@@ -85,15 +86,15 @@ def tolerance(args, sm_scale, bias, p_bits, substeps, window):
 
 
 def assert_matches_reference(out, args, sm_scale, bias=None, p_bits=4, substeps=0, out_scale=None, out_zero=None,
-                             out_bits=8, out_dtype=torch.float32, window=W_CPU):
+                             out_bits=8, out_dtype=torch.float32, window=W_CPU, p_max_code=None):
     cpu = [a.cpu() for a in args]
     bias_c = bias.cpu() if bias is not None else None
     expect = ref.log2_attention(*cpu, sm_scale, bias_c, p_bits, substeps,
                                 out_scale.cpu() if out_scale is not None else None,
-                                out_zero.cpu() if out_zero is not None else None, out_bits, out_dtype)
+                                out_zero.cpu() if out_zero is not None else None, out_bits, out_dtype, p_max_code)
     out = out.cpu()
     assert out.shape == expect.shape and out.dtype == expect.dtype
-    tol, n_near, P = tolerance(args, sm_scale, bias, p_bits, substeps, window)
+    tol, n_near, P = tolerance(args, sm_scale, bias, p_bits, substeps, window, p_max_code)
     # the boundary allowance must stay an exception, or the test would prove little
     assert n_near <= max(8, P.numel() // 1000), f"{n_near} of {P.numel()} probabilities near a code boundary"
     if out_scale is None:
@@ -102,20 +103,21 @@ def assert_matches_reference(out, args, sm_scale, bias=None, p_bits=4, substeps=
         slack = torch.where(tol > 0, 2 * e.abs() * torch.finfo(out_dtype).eps + 1e-30, torch.zeros_like(tol))
         bad = (y - e).abs() > tol * (1 + 1e-6) + slack
     else:
-        if out_bits == 4:
+        if ref.is_packed(out_bits):
             out, expect = ref.unpack_int4(out), ref.unpack_int4(expect)
         code_tol = torch.where(tol > 0, torch.ceil(tol / float(out_scale)) + 1, torch.zeros_like(tol))
         bad = (out.double() - expect.double()).abs() > code_tol
     assert not bool(bad.any()), (f"{int(bad.sum())} of {bad.numel()} outputs differ beyond the allowance; "
                                  f"{n_near} near-boundary probabilities")
-    if n_near == 0 and exact_config(p_bits, substeps):
+    if n_near == 0 and exact_config(p_bits, substeps, p_max_code):
         assert torch.equal(out, expect)
+    return n_near
 
 
 def run_cpu(args, sm_scale, bias=None, p_bits=4, substeps=0, out_scale=None, out_zero=None, out_bits=8,
-            out_dtype=torch.float32):
+            out_dtype=torch.float32, p_max_code=None):
     return torch.ops.vitq.log2_attention(*args, sm_scale, bias, p_bits, substeps, out_scale, out_zero, out_bits,
-                                         out_dtype)
+                                         out_dtype, p_max_code)
 
 
 def run_triton(args, sm_scale, bias=None, p_bits=4, substeps=0, out_scale=None, out_zero=None, out_bits=8,
@@ -145,7 +147,7 @@ def test_cpu_matches_reference(B, H, N, D, nw, substeps, per_head):
     assert_matches_reference(out, args, sm, bias, 4, substeps)
 
 
-@pytest.mark.parametrize("out_bits", [8, 4])
+@pytest.mark.parametrize("out_bits", [8, 4, 3])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 def test_cpu_output_formats(out_bits, out_dtype):
     args, sm = make_inputs(2, 3, 197, 64)
@@ -182,7 +184,7 @@ def test_cpu_strided_qkv_views():
 
 @settings(max_examples=25)
 @given(B=st.integers(1, 3), H=st.integers(1, 3), N=st.integers(1, 300), D=st.sampled_from([8, 16, 40, 64, 96]),
-       p_bits=st.integers(1, 8), substeps=st.sampled_from([0, 1]), per_head=st.booleans(),
+       p_bits=st.integers(1, 8), substeps=st.sampled_from([0, 1, 2]), per_head=st.booleans(),
        bias_shape=st.sampled_from([None, "1,1", "1,H", "B,1", "B,H"]), spread=st.floats(0.1, 20.0))
 def test_cpu_property(B, H, N, D, p_bits, substeps, per_head, bias_shape, spread):
     args, sm = make_inputs(B, H, N, D, per_head, spread)
@@ -218,7 +220,7 @@ def test_triton_two_pass_long_row_matches_reference():
     assert_matches_reference(out, args, sm, window=W_GPU if torch.cuda.is_available() else W_CPU)
 
 
-@pytest.mark.parametrize("p_bits,substeps", [(4, 0), (5, 1)])
+@pytest.mark.parametrize("p_bits,substeps", [(4, 0), (5, 1), (6, 2)])
 def test_triton_one_block_and_two_pass_bit_identical(p_bits, substeps):
     """Same exp inputs, exact max, fixed-point sum, exact P^ V: the two kernels agree bit for bit."""
     B, H, N, D, nw = 2, 1, 197, 32, 2
@@ -229,7 +231,7 @@ def test_triton_one_block_and_two_pass_bit_identical(p_bits, substeps):
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("out_bits", [8, 4])
+@pytest.mark.parametrize("out_bits", [8, 4, 3])
 def test_triton_quantized_output(out_bits):
     args, sm = make_inputs(1, 2, 65, 64, device=_dev())
     so, zo = out_quant(out_bits)
@@ -240,7 +242,7 @@ def test_triton_quantized_output(out_bits):
 
 @settings(max_examples=6)
 @given(H=st.integers(1, 2), N=st.integers(1, 140), D=st.sampled_from([16, 40, 64]), p_bits=st.integers(2, 8),
-       substeps=st.sampled_from([0, 1]), two_pass=st.booleans(), spread=st.floats(0.1, 20.0))
+       substeps=st.sampled_from([0, 1, 2]), two_pass=st.booleans(), spread=st.floats(0.1, 20.0))
 def test_triton_property(H, N, D, p_bits, substeps, two_pass, spread):
     args, sm = make_inputs(1, H, N, D, per_head=H > 1, spread=spread, device=_dev())
     out = run_triton(args, sm, None, p_bits, substeps, path="two_pass" if two_pass else "one_block",
@@ -256,14 +258,14 @@ def test_triton_log2_codes_on_boundaries():
     import triton.language as tl
 
     @triton.jit
-    def codes_kernel(p_ptr, c_ptr, n, TOP: tl.constexpr, SUBSTEPS: tl.constexpr, THR0: tl.constexpr,
-                     THR1A: tl.constexpr, THR1B: tl.constexpr, BLOCK: tl.constexpr):
+    def codes_kernel(p_ptr, c_ptr, n, max_code, TOP: tl.constexpr, SUBSTEPS: tl.constexpr, THR_A: tl.constexpr,
+                     THR_B: tl.constexpr, THR_C: tl.constexpr, THR_D: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         p = tl.load(p_ptr + offs, mask=offs < n, other=0.0)
-        c, keep = tk.log2_codes(p, TOP, SUBSTEPS, THR0, THR1A, THR1B)
+        c, keep = tk.log2_codes(p, max_code, SUBSTEPS, THR_A, THR_B, THR_C, THR_D)
         tl.store(c_ptr + offs, tl.where(keep, c, TOP), mask=offs < n)
 
-    for substeps in (0, 1):
+    for substeps in (0, 1, 2):
         mant = []
         for t in ref.LOG_MANTISSA_THRESHOLDS[substeps]:
             mant += [t + d for d in range(-2, 3)]
@@ -272,28 +274,34 @@ def test_triton_log2_codes_on_boundaries():
         bits = (exps[:, None] << 23) | torch.tensor(mant)[None, :]
         p = bits.to(torch.int32).view(torch.float32).reshape(-1)
         p = torch.cat([p, torch.tensor([0.0, 1.0, 1e-40, 0.7071067, 0.70710677, 0.7071068])]).to(_dev())
-        for p_bits in (1, 4, 8):
+        thr = tk.code_constants(substeps)[:4]
+        for p_bits, max_code in ((1, None), (3, None), (3, 2), (4, None), (4, 5), (8, None), (8, 100)):
             top = (1 << p_bits) - 1
             c = torch.empty(p.numel(), dtype=torch.int32, device=p.device)
-            codes_kernel[(triton.cdiv(p.numel(), 128),)](p, c, p.numel(), TOP=top, SUBSTEPS=substeps, THR0=tk.THR0,
-                                                         THR1A=tk.THR1[0], THR1B=tk.THR1[1], BLOCK=128)
-            expect = ref.log2_quantize(p.cpu(), p_bits, 1.0, substeps).to(torch.int32)
-            assert torch.equal(c.cpu(), expect), (substeps, p_bits)
+            codes_kernel[(triton.cdiv(p.numel(), 128),)](p, c, p.numel(), top - 1 if max_code is None else max_code,
+                                                         TOP=top, SUBSTEPS=substeps, THR_A=thr[0], THR_B=thr[1],
+                                                         THR_C=thr[2], THR_D=thr[3], BLOCK=128)
+            expect = ref.tul2_quantize(p.cpu(), p_bits, substeps, max_code).to(torch.int32)
+            assert torch.equal(c.cpu(), expect), (substeps, p_bits, max_code)
+            if max_code is None:
+                assert torch.equal(expect, ref.log2_quantize(p.cpu(), p_bits, 1.0, substeps).to(torch.int32))
 
 
 # ---------------------------------------------------------------------------
 # op registration, fakes, empty inputs, bad inputs
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["float", "bias_fp16", "codes4"])
+@pytest.mark.parametrize("variant", ["float", "bias_fp16", "codes4", "truncated_m2"])
 def test_opcheck(variant):
     args, sm = make_inputs(2, 2, 49, 32, per_head=True)
-    bias, so, zo, out_bits, out_dtype = None, None, None, 8, torch.float32
+    bias, so, zo, out_bits, out_dtype, substeps, extra = None, None, None, 8, torch.float32, 1, ()
     if variant == "bias_fp16":
         bias, out_dtype = swin_bias(2, 2, 49, 2), torch.float16
     if variant == "codes4":
         (so, zo), out_bits = out_quant(4), 4
+    if variant == "truncated_m2":
+        substeps, extra = 2, (9,)                    # p_max_code, the schema's trailing optional int
     torch.library.opcheck(torch.ops.vitq.log2_attention,
-                          (*args, sm, bias, 4, 1, so, zo, out_bits, out_dtype))
+                          (*args, sm, bias, 4, substeps, so, zo, out_bits, out_dtype, *extra))
 
 
 def test_python_entry_point_defaults():
@@ -334,7 +342,9 @@ def _bad_cases():
         ("scale nan", seta(3, lambda t: t * float("nan")), ValueError, "q_scale must be finite"),
         ("zero range", seta(4, lambda t: t * 0 + 200), ValueError, "q_zero must lie"),
         ("p_bits", setk("p_bits", 9), ValueError, "p_bits"),
-        ("substeps", setk("substeps", 2), ValueError, "substeps"),
+        ("substeps", setk("substeps", 3), ValueError, "substeps"),
+        ("p_max_code too big", setk("p_max_code", 15), ValueError, "p_max_code"),
+        ("p_max_code negative", setk("p_max_code", -1), ValueError, "p_max_code"),
         ("sm_scale inf", setk("sm_scale", float("inf")), ValueError, "sm_scale"),
         ("bias nan", setk("bias", torch.full((1, 1, 49, 49), float("nan"))), ValueError, "NaN or Inf"),
         ("bias -inf mask", setk("bias", torch.zeros(1, 1, 49, 49).index_fill_(3, torch.tensor([3]), float("-inf"))),
@@ -344,7 +354,7 @@ def _bad_cases():
         ("bias expanded", setk("bias", torch.ones(1, 1, 1, 49).expand(1, 1, 49, 49)), ValueError, "contiguous"),
         ("out_scale alone", setk("out_scale", torch.ones(1)), ValueError, "together"),
         ("out_bits", lambda a, kw: kw.update(out_scale=torch.ones(1), out_zero=torch.zeros(1, dtype=torch.int32),
-                                             out_bits=3), ValueError, "out_bits"),
+                                             out_bits=5), ValueError, "out_bits"),
         ("out_zero range", lambda a, kw: kw.update(out_scale=torch.ones(1), out_zero=torch.full((1,), 9, dtype=torch.int32),
                                                    out_bits=4), ValueError, "out_zero must lie"),
         ("out_dtype", setk("out_dtype", torch.int32), TypeError, "out_dtype"),
@@ -360,14 +370,14 @@ def test_bad_inputs(impl):
             continue
         args, sm = make_inputs(2, 2, 49, 32)
         kw = dict(sm_scale=sm, bias=None, p_bits=4, substeps=0, out_scale=None, out_zero=None, out_bits=8,
-                  out_dtype=torch.float32)
+                  out_dtype=torch.float32, p_max_code=None)
         mutate(args, kw)
         call = [*args, kw["sm_scale"], kw["bias"], kw["p_bits"], kw["substeps"], kw["out_scale"], kw["out_zero"],
                 kw["out_bits"], kw["out_dtype"]]
         fn = {"cpu": torch.ops.vitq.log2_attention, "triton": tk.launch_log2_attention,
               "reference": ref.log2_attention}[impl]
         with pytest.raises(exc) as info:
-            fn(*call)
+            fn(*call, p_max_code=kw["p_max_code"])
         assert fragment in str(info.value), f"{impl} / {name}: {info.value}"
 
 

@@ -181,8 +181,8 @@ def test_bad_arguments():
     bad_idx = idx.clone()
     bad_idx[2, 0] = 16
     cases = [
-        (ValueError, r"a_bits must be one of \(4, 8\), got 2", with_(a_bits=2)),
-        (ValueError, r"w_bits must be one of \(4, 8\), got 16", with_(w_bits=16)),
+        (ValueError, r"a_bits must be one of \(3, 4, 8\), got 2", with_(a_bits=2)),
+        (ValueError, r"w_bits must be one of \(3, 4, 8\), got 16", with_(w_bits=16)),
         (TypeError, r"a must be int8 \(one code per byte, a_bits=8\), got uint8", with_(a=a.view(torch.uint8))),
         (TypeError, r"w must be uint8 \(two int4 codes per byte, w_bits=4\), got int8", with_(w_bits=4)),
         (ValueError, "a must be 2-D", with_(a=a.flatten())),

@@ -177,7 +177,11 @@ def test_bad_arguments():
     x = activations(4, 16, 6)
     s4, z4 = torch.full((4,), 0.1), torch.zeros(4, dtype=torch.int32)
     cases = [
-        (ValueError, r"bits must be one of \(4, 8\), got 3", (x, 3, None, None, None, 0)),
+        (ValueError, r"bits must be one of \(3, 4, 8\), got 5", (x, 5, None, None, None, 0)),
+        (ValueError, "3-bit codes are packed in pairs along K; K=15 is odd", (x[:, :15].contiguous(), 3, None, None,
+                                                                           None, 0)),
+        (ValueError, r"zero points must lie in \[-4, 3\]; zero\[0\] = 4",
+         (x, 3, s4[:1], torch.tensor([4], dtype=torch.int32), None, 0)),
         (ValueError, r"x must be 2-D \[M, K\], got shape \[64\]", (x.flatten(), 8, None, None, None, 0)),
         (TypeError, "x must be a float tensor, got int32", (x.int(), 8, None, None, None, 0)),
         (ValueError, "must be contiguous", (x.t(), 8, None, None, None, 0)),

@@ -182,7 +182,7 @@ def test_bad_inputs():
     M, N = 8, 16
     i32 = dict(dtype=torch.int32, device=DEV)
     cases = [
-        (dict(a_bits=3), ValueError, "a_bits must be one of"),
+        (dict(a_bits=5), ValueError, "a_bits must be one of"),
         (dict(w_bits=2), ValueError, "w_bits must be one of"),
         (dict(a_bits=4), TypeError, "4-bit codes"),
         (dict(a=p["a"].view(torch.uint8)), TypeError, "8-bit codes"),

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers torch.ops.vitq)
+from .reference import ACT_BITS, WEIGHT_BITS, is_packed, qmin_qmax
 
 vitq = torch.ops.vitq
 
@@ -34,8 +35,8 @@ class ActQuant(nn.Module):
     def __init__(self, bits: int, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                  outlier_threshold: float | None = None, max_outliers: int = 0):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"deployable activation bits are 4 and 8, got {bits}")
+        if bits not in ACT_BITS:
+            raise ValueError(f"deployable activation bits are {ACT_BITS}, got {bits}")
         self.bits = int(bits)
         self.outlier_threshold = None if outlier_threshold is None else float(outlier_threshold)
         self.max_outliers = int(max_outliers) if outlier_threshold is not None else 0
@@ -52,21 +53,21 @@ class ActQuant(nn.Module):
 
 
 class QLinear(nn.Module):
-    """y = qgemm(quantize(x), W) with packed int4/int8 per-channel weights."""
+    """y = qgemm(quantize(x), W) with per-channel weights: int8, or packed int4 for 3/4-bit codes."""
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                  bias: torch.Tensor | None, act: ActQuant, w_bits: int):
         super().__init__()
-        if w_bits not in (4, 8):
-            raise ValueError(f"weight containers are 4 or 8 bit, got {w_bits}")
+        if w_bits not in WEIGHT_BITS:
+            raise ValueError(f"deployable weight bits are {WEIGHT_BITS}, got {w_bits}")
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise TypeError("weight codes must be int8 [N, K] (signed domain)")
         self.out_features, self.in_features = codes.shape
         self.w_bits = int(w_bits)
-        lo, hi = (-8, 7) if w_bits == 4 else (-128, 127)
+        lo, hi = qmin_qmax(w_bits)     # the declared width's range (3 bit: [-4, 3] in the int4 container)
         if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
-            raise ValueError(f"weight codes outside the {w_bits}-bit container range [{lo}, {hi}]")
-        self.register_buffer("weight", vitq.pack_int4(codes.contiguous()) if w_bits == 4 else codes.clone())
+            raise ValueError(f"weight codes outside the {w_bits}-bit range [{lo}, {hi}]")
+        self.register_buffer("weight", vitq.pack_int4(codes.contiguous()) if is_packed(w_bits) else codes.clone())
         self.register_buffer("w_scale", w_scale.detach().float().clone())
         zero_used = w_zero is not None and bool((w_zero != 0).any())
         self.register_buffer("w_zero", w_zero.detach().to(torch.int32).clone() if zero_used else None)
@@ -111,7 +112,8 @@ class QAttention(nn.Module):
     log2_attention (P log2-coded, output quantized for proj) -> proj qgemm."""
 
     def __init__(self, qkv: QLinear, proj: QLinear, num_heads: int, sm_scale: float,
-                 qkv_scale: torch.Tensor, qkv_zero: torch.Tensor, qkv_bits: int, p_bits: int, p_substeps: int):
+                 qkv_scale: torch.Tensor, qkv_zero: torch.Tensor, qkv_bits: int, p_bits: int, p_substeps: int,
+                 p_max_code: int | None = None):
         super().__init__()
         self.qkv, self.proj = qkv, proj
         self.num_heads = int(num_heads)
@@ -119,6 +121,8 @@ class QAttention(nn.Module):
         # q, k and v rows of the qkv output, viewed as [tokens * 3, C], tile as T = 3 static scales
         self.qkv_act = ActQuant(qkv_bits, qkv_scale.reshape(3), qkv_zero.reshape(3))
         self.p_bits, self.p_substeps = int(p_bits), int(p_substeps)
+        # truncated uniform-log2 (TP-ViT): codes above p_max_code mean P^ = 0; None = plain log2
+        self.p_max_code = None if p_max_code is None else int(p_max_code)
         if proj.act.scale is None or proj.act.scale.numel() != 1:
             raise ValueError("the proj input must use a static per-tensor quantizer")
 
@@ -129,17 +133,17 @@ class QAttention(nn.Module):
         D = C // H
         qkv = self.qkv.gemm(q_in)                                            # fp32 [B*N, 3C]
         codes = self.qkv_act.quantize(qkv.view(B * N * 3, C))[0]
-        if self.qkv_act.bits == 4:
+        if is_packed(self.qkv_act.bits):
             codes = vitq.unpack_int4(codes)                                  # attention takes 1 code/byte
         qkv_c = codes.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)             # [3, B, H, N, D], D contiguous
         s, z = self.qkv_act.scale, self.qkv_act.zero
         pa = self.proj.act
         out = vitq.log2_attention(qkv_c[0], qkv_c[1], qkv_c[2], s[0:1], z[0:1], s[1:2], z[1:2], s[2:3], z[2:3],
                                   self.sm_scale, bias, self.p_bits, self.p_substeps, pa.scale, pa.zero, pa.bits,
-                                  torch.float32)
+                                  torch.float32, self.p_max_code)
         a = out.reshape(B * N, -1)
         rows = B * N
-        rowsum = (vitq.unpack_int4(a) if pa.bits == 4 else a).to(torch.int32).sum(1, dtype=torch.int32)
+        rowsum = (vitq.unpack_int4(a) if is_packed(pa.bits) else a).to(torch.int32).sum(1, dtype=torch.int32)
         empty_i = a.new_zeros((rows, 0), dtype=torch.int32)
         q = (a, _expand_rows(pa.scale, rows), _expand_rows(pa.zero, rows), rowsum, empty_i,
              a.new_zeros((rows, 0), dtype=torch.float32), None)
@@ -161,7 +165,7 @@ class QMlp(nn.Module):
             self.register_buffer("slq_scale", torch.as_tensor(slq["scale"], dtype=torch.float32).reshape(1).clone())
             self.slq_scale_value = float(self.slq_scale)   # a Python float for the op (no graph break)
             from .reference import fold_shift_into_bias
-            wcodes = vitq.unpack_int4(fc2.weight) if fc2.w_bits == 4 else fc2.weight
+            wcodes = vitq.unpack_int4(fc2.weight) if is_packed(fc2.w_bits) else fc2.weight
             self.register_buffer("fc2_bias_folded", fold_shift_into_bias(fc2.bias, self.slq_shift, wcodes,
                                                                          fc2.w_scale, fc2.w_zero))
 
@@ -241,7 +245,7 @@ def module_config(m: nn.Module) -> dict:
     if isinstance(m, QAttention):
         return {"type": "QAttention", "qkv": module_config(m.qkv), "proj": module_config(m.proj),
                 "num_heads": m.num_heads, "sm_scale": m.sm_scale, "qkv_bits": m.qkv_act.bits,
-                "p_bits": m.p_bits, "p_substeps": m.p_substeps}
+                "p_bits": m.p_bits, "p_substeps": m.p_substeps, "p_max_code": m.p_max_code}
     if isinstance(m, QMlp):
         slq = ({"bits": m.slq_bits, "substeps": m.slq_substeps, "shift": m.slq_shift, "scale": m.slq_scale_value}
                if m.slq else None)
@@ -253,6 +257,9 @@ def module_config(m: nn.Module) -> dict:
     if isinstance(m, QPatchEmbedConv):
         return {"type": "QPatchEmbedConv", "linear": module_config(m.linear), "patch": list(m.patch),
                 "out_channels": m.out_channels}
+    from . import swin
+    if isinstance(m, (swin.QSwinBlock, swin.QPatchMerging)):
+        return swin.module_config(m)
     raise TypeError(f"not a vitq deploy module: {type(m).__name__}")
 
 
@@ -273,7 +280,7 @@ def module_from_config(cfg: dict) -> nn.Module:
     if t == "QAttention":
         return QAttention(module_from_config(cfg["qkv"]), module_from_config(cfg["proj"]), cfg["num_heads"],
                           cfg["sm_scale"], torch.ones(3), torch.zeros(3, dtype=torch.int32), cfg["qkv_bits"],
-                          cfg["p_bits"], cfg["p_substeps"])
+                          cfg["p_bits"], cfg["p_substeps"], cfg.get("p_max_code"))
     if t == "QMlp":
         slq = cfg["slq"]
         return QMlp(module_from_config(cfg["fc1"]), module_from_config(cfg["fc2"]), slq)
@@ -284,7 +291,14 @@ def module_from_config(cfg: dict) -> nn.Module:
                       module_from_config(cfg["mlp"]), torch.ones(d) if cfg["ls2"] else None)
     if t == "QPatchEmbedConv":
         return QPatchEmbedConv(module_from_config(cfg["linear"]), tuple(cfg["patch"]), cfg["out_channels"])
+    from . import swin
+    if t in swin.TYPES:
+        return swin.module_from_config(cfg)
     raise ValueError(f"unknown deploy module type {t!r} in the artifact")
 
 
 DEPLOY_TYPES = (QLinear, QLayerNormQuant, QAttention, QMlp, QBlock, QPatchEmbedConv)
+
+from .swin import QPatchMerging, QSwinBlock  # noqa: E402  (swin.py builds on the classes above)
+
+DEPLOY_TYPES = DEPLOY_TYPES + (QSwinBlock, QPatchMerging)

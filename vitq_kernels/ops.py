@@ -15,6 +15,7 @@ import os
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas and the C++ CPU kernels)
+from .reference import is_packed
 
 __all__ = ["pack_int4", "unpack_int4", "per_token_quantize", "qgemm", "set_backend", "get_backend"]
 __all__ += ["log2_attention"]
@@ -71,18 +72,20 @@ def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None,
 
 
 def log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale=None, bias=None,
-                   p_bits=4, substeps=0, out_scale=None, out_zero=None, out_bits=8, out_dtype=torch.float16):
+                   p_bits=4, substeps=0, out_scale=None, out_zero=None, out_bits=8, out_dtype=torch.float16,
+                   p_max_code=None):
     """Attention on int8 q/k/v codes [B, H, N, D] with log2-quantized probabilities, one fused
     kernel; returns [B, N, H, D] (token-major, proj-ready) in out_dtype, or static per-tensor
-    output codes when out_scale/out_zero are given.  sm_scale defaults to D^-0.5.  See
-    reference.log2_attention.  On CUDA, scale/zero/bias *values* are not checked (that would
-    need a host sync); the CPU kernel checks them.
+    output codes when out_scale/out_zero are given.  sm_scale defaults to D^-0.5.  p_max_code
+    truncates the codes (TP-ViT's truncated uniform-log2: codes above it mean P^ = 0; None =
+    2^p_bits - 2, plain log2).  See reference.log2_attention.  On CUDA, scale/zero/bias *values*
+    are not checked (that would need a host sync); the CPU kernel checks them.
     """
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     return torch.ops.vitq.log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero,
                                          float(sm_scale), bias, p_bits, substeps, out_scale, out_zero,
-                                         out_bits, out_dtype)
+                                         out_bits, out_dtype, p_max_code)
 
 
 def layernorm_quantize(x, weight, bias, eps=1e-6, bits=8, scale=None, zero=None, outlier_threshold=None,
@@ -125,7 +128,8 @@ def _fake_unpack_int4(packed):
 
 def _fake_per_token_quantize(x, bits, scale, zero, outlier_threshold, max_outliers):
     M, K = x.shape
-    codes = x.new_empty((M, K // 2) if bits == 4 else (M, K), dtype=torch.uint8 if bits == 4 else torch.int8)
+    packed = is_packed(bits)     # 3-bit codes live in the int4 container, like 4-bit ones
+    codes = x.new_empty((M, K // 2) if packed else (M, K), dtype=torch.uint8 if packed else torch.int8)
     return (codes, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.int32),
             x.new_empty(M, dtype=torch.int32), x.new_empty((M, max_outliers), dtype=torch.int32),
             x.new_empty((M, max_outliers), dtype=torch.float32), x.new_empty(M, dtype=torch.int32))
@@ -137,11 +141,11 @@ def _fake_qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias
 
 
 def _fake_log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, p_bits,
-                         substeps, out_scale, out_zero, out_bits, out_dtype):
+                         substeps, out_scale, out_zero, out_bits, out_dtype, p_max_code=None):
     B, H, N, D = q.shape
     if out_scale is None:
         return q.new_empty((B, N, H, D), dtype=out_dtype)
-    if out_bits == 4:
+    if is_packed(out_bits):
         return q.new_empty((B, N, H, D // 2), dtype=torch.uint8)
     return q.new_empty((B, N, H, D), dtype=torch.int8)
 

@@ -45,6 +45,26 @@ Formats
   fp32 scale sw_j and int32 signed-domain zero point zw_j (0 for symmetric weights),
   plus ``w_colsum_j = sum_k w_jk`` precomputed once at pack time.
 
+* **3-bit codes** live in the int4 container (``PACKED_BITS``, ``container_bits``): no
+  op has a 3-bit storage format or a 3-bit GEMM of its own.  Per op:
+    per_token_quantize / layernorm_quantize, bits=3: the formulas above with b = 3, so
+      unsigned q in [0, 7], stored c = q - 4 in [-4, 3], zero point zc in [-4, 3]; the
+      codes are packed two per byte exactly like int4 (K even).  A static zero point
+      outside [-4, 3] is an error even though the nibble could hold it.
+    qgemm a_bits / w_bits = 3: the int4 path, bit for bit: the operand is a packed
+      uint8 [.., K/2] and the product is the same exact integer GEMM.  The bit width
+      declares the producer's code range; the GEMM does not re-read the codes to check
+      it (on a GPU that would cost a sync), and is exact for any nibble values anyway.
+      Producers guarantee the range: the quantizers above clamp to [-4, 3], 3-bit
+      weights come from quantize_weight_per_channel (symmetric [-3, 3], asymmetric
+      [-4, 3]) and the deploy QLinear rejects weight codes outside the declared range.
+    shiftlog2 (qgemm_gelu_shiftlog2 out_bits=3, shiftlog2_qgemm bits=3): Shift-Log2
+      codes 0..7, one per byte as for every log width (1..8 bits); shiftlog2_qgemm
+      reads the low 3 bits.  Its w_bits=3 is the int4 path as in qgemm.
+    log2_attention: p_bits=3 is the log2 code 0..6 plus the zero code 7 (p_bits 1..8
+      were always accepted); out_bits=3 output codes are per_token_quantize's, packed
+      like 4 bit.
+
 qgemm
 -----
 With A = activation codes (zero za_i, scale s_i, row sums ra_i = sum_k a_ik) and
@@ -62,8 +82,19 @@ from __future__ import annotations
 
 import torch
 
-ACT_BITS = (4, 8)
+ACT_BITS = (3, 4, 8)
 WEIGHT_BITS = (3, 4, 8)
+PACKED_BITS = (3, 4)        # widths stored in the int4 container, two codes per byte
+
+
+def is_packed(bits: int) -> bool:
+    """True when b-bit codes are stored packed, two per byte (the int4 container)."""
+    return bits in PACKED_BITS
+
+
+def container_bits(bits: int) -> int:
+    """The storage container (4 or 8) of b-bit uniform codes: what selects a kernel variant."""
+    return 4 if bits in PACKED_BITS else 8
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +203,7 @@ def per_token_quantize(x: torch.Tensor, bits: int, scale: torch.Tensor | None = 
     and ``zero`` (int32[T], signed domain) with M % T == 0, row i using entry i % T.
 
     Returns (codes, scale, zero, rowsum, outlier_idx, outlier_val, outlier_count):
-      codes   int8 [M, K] (bits 8) or uint8 [M, K/2] packed (bits 4), signed-domain
+      codes   int8 [M, K] (bits 8) or uint8 [M, K/2] packed (bits 3, 4), signed-domain
       scale   fp32 [M];  zero int32 [M] (signed domain);  rowsum int32 [M] = sum_k codes_ik
       outliers as in the module doc, C = max_outliers.
     """
@@ -181,8 +212,8 @@ def per_token_quantize(x: torch.Tensor, bits: int, scale: torch.Tensor | None = 
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a float tensor, got {x.dtype}")
-    if bits == 4 and x.shape[1] % 2:
-        raise ValueError(f"4-bit codes are packed in pairs along K; K={x.shape[1]} is odd")
+    if is_packed(bits) and x.shape[1] % 2:
+        raise ValueError(f"{bits}-bit codes are packed in pairs along K; K={x.shape[1]} is odd")
     if outlier_threshold is None and max_outliers != 0:
         raise ValueError("max_outliers > 0 needs an outlier_threshold")
     if max_outliers < 0:
@@ -217,7 +248,7 @@ def per_token_quantize(x: torch.Tensor, bits: int, scale: torch.Tensor | None = 
     codes = (q - half).to(torch.int8)
     rowsum = codes.to(torch.int32).sum(dim=1, dtype=torch.int32)
     idx, val, count = extract_outliers(xf, mask, max_outliers)
-    if bits == 4:
+    if is_packed(bits):
         codes = pack_int4(codes)
     return codes, s, (zu - half).to(torch.int32), rowsum, idx, val, count
 
@@ -225,7 +256,7 @@ def per_token_quantize(x: torch.Tensor, bits: int, scale: torch.Tensor | None = 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                     outlier_idx: torch.Tensor | None = None, outlier_val: torch.Tensor | None = None):
     """Inverse of per_token_quantize: s_i (c_ik - zc_i), with outliers put back. fp32 [M, K]."""
-    c = unpack_int4(codes) if bits == 4 else codes
+    c = unpack_int4(codes) if is_packed(bits) else codes
     x = scale.float()[:, None] * (c.float() - zero.float()[:, None])
     if outlier_idx is not None and outlier_idx.shape[1]:
         # an outlier's dense code is its row's zero point, so the dense part is exactly 0
@@ -274,11 +305,11 @@ def qgemm(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, a_rowsum
           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """y = sw_j (s_i acc_ij + o_ij) + bias_j, see the module doc. Returns [M, N] in out_dtype."""
     check_bits(a_bits, ACT_BITS, "a_bits")
-    check_bits(w_bits, ACT_BITS, "w_bits")
-    ac = unpack_int4(a) if a_bits == 4 else a
-    wc = unpack_int4(w) if w_bits == 4 else w
+    check_bits(w_bits, WEIGHT_BITS, "w_bits")
+    ac = unpack_int4(a) if is_packed(a_bits) else a
+    wc = unpack_int4(w) if is_packed(w_bits) else w
     if ac.dtype != torch.int8 or wc.dtype != torch.int8:
-        raise TypeError("codes must be int8 (8 bit) or packed uint8 (4 bit)")
+        raise TypeError("codes must be int8 (8 bit) or packed uint8 (3 or 4 bit)")
     M, K = ac.shape
     N, Kw = wc.shape
     if K != Kw:
@@ -315,7 +346,7 @@ def linear_reference(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tens
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Convenience composition: per_token_quantize -> qgemm, for a float x[M, K]."""
     codes, s, z, rs, idx, val, _ = per_token_quantize(x, a_bits, scale, zero, outlier_threshold, max_outliers)
-    wp = pack_int4(w_codes) if w_bits == 4 else w_codes
+    wp = pack_int4(w_codes) if is_packed(w_bits) else w_codes
     return qgemm(codes, s, z, rs, wp, w_scale, w_zero, weight_colsum(w_codes), bias,
                  idx if max_outliers else None, val if max_outliers else None, a_bits, w_bits, out_dtype)
 
@@ -420,6 +451,61 @@ def shift_log2_dequantize(codes: torch.Tensor, bits: int, shift: float, scale: f
 
 
 # ---------------------------------------------------------------------------
+# truncated uniform-log2 (TP-ViT, seed 001) for post-softmax P; docs/tp_vit.md
+# ---------------------------------------------------------------------------
+# Uniform steps of 1/2^m octave in the log2 domain over the truncated range [t_min, 0]:
+#     c    = max(0, round(-2^m log2 P))       exact from P's fp32 bits (log_code_unclamped)
+#     code = c               if c <= c_max    (c_max: the calibrated truncation code)
+#          = Z = 2^b - 1     otherwise, and for P <= 0 or subnormal P     (the zero code)
+#     P^   = 2^-(c >> m) * LOG_MANTISSAS[m][c & (2^m - 1)]  (= fp32(2^(-c/2^m)), exact), 0 for Z
+# with 0 <= c_max <= 2^b - 2.  A code c covers -log2 P in [(c - 1/2) / 2^m, (c + 1/2) / 2^m),
+# so P^ = 0 exactly when log2 P < t_min = -(c_max + 1/2) / 2^m (tul2_truncation_point).
+# c_max = 2^b - 2 is log2_quantize(zero_code=True): the plain log2 quantizer is one point
+# of the family, and calibration searches (m, c_max) jointly.
+
+def check_tul2(bits: int, substeps: int, max_code: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"truncated log2 bits must be in 1..8, got {bits}")
+    if substeps not in LOG_SUBSTEPS:
+        raise ValueError(f"substeps must be one of {LOG_SUBSTEPS}, got {substeps}")
+    top = (1 << bits) - 1
+    if isinstance(max_code, bool) or not isinstance(max_code, int) or not 0 <= max_code <= top - 1:
+        raise ValueError(f"max_code (truncation code) must be an int in [0, {top - 1}] for {bits}-bit codes "
+                         f"(code {top} is the zero code), got {max_code!r}")
+
+
+def tul2_truncation_point(substeps: int, max_code: int) -> float:
+    """t_min = -(c_max + 1/2) / 2^m: P^ = 0 exactly for log2 P < t_min."""
+    return -(max_code + 0.5) / (1 << substeps)
+
+
+def tul2_quantize(p: torch.Tensor, bits: int, substeps: int = 0, max_code: int | None = None) -> torch.Tensor:
+    """Truncated uniform-log2 codes of p (uint8, in [0, max_code] or the zero code 2^b - 1).
+
+    max_code None means 2^b - 2 (no truncation beyond the code range = log2_quantize)."""
+    top = (1 << bits) - 1
+    max_code = top - 1 if max_code is None else max_code
+    check_tul2(bits, substeps, max_code)
+    check_finite(p, "p")
+    c = log_code_unclamped(p.float(), substeps).clamp(min=0)
+    return torch.where(c <= max_code, c, torch.full_like(c, top)).to(torch.uint8)
+
+
+def tul2_dequantize(codes: torch.Tensor, bits: int, substeps: int = 0, max_code: int | None = None) -> torch.Tensor:
+    """P^ (fp32) of truncated uniform-log2 codes: 2^(-c/2^m) by shift + mantissa table; 0 for
+    the zero code.  Codes in (max_code, 2^b - 1) never come out of tul2_quantize: an error."""
+    top = (1 << bits) - 1
+    max_code = top - 1 if max_code is None else max_code
+    check_tul2(bits, substeps, max_code)
+    c = codes.to(torch.int32)
+    if c.numel() and bool(((c < 0) | (c > top) | ((c > max_code) & (c < top))).any()):
+        raise ValueError(f"truncated log2 codes must lie in [0, {max_code}] or be the zero code {top}")
+    keep = c <= max_code
+    v = log_decode(torch.where(keep, c, torch.zeros_like(c)), substeps)
+    return torch.where(keep, v, torch.zeros_like(v))
+
+
+# ---------------------------------------------------------------------------
 # log2_attention: quantized attention with the log2 post-softmax quantizer (sec. 4.1)
 # ---------------------------------------------------------------------------
 # Inputs.  q, k, v: int8 signed codes [B, H, N, D] of per-tensor (the paper's setting) or
@@ -454,17 +540,23 @@ def shift_log2_dequantize(codes: torch.Tensor, bits: int, shift: float, scale: f
 # >= Z (and every subnormal P) contributes nothing.  We chose zero over clamping to the
 # smallest power because clamping would give each of the many tiny probabilities of a long
 # row the weight 2^-(Z-1) (4 bits, 4096 tokens: up to 4096 * 2^-14 = 0.25 of extra mass).
-# substeps m = 0 is the paper's base-2 quantizer, m = 1 the base-sqrt(2) variant.
+# substeps m = 0 is the paper's base-2 quantizer, m = 1 the base-sqrt(2) variant, m = 2
+# quarter-octave steps.
+# Truncation (TP-ViT's truncated uniform-log2, tul2_quantize): with p_max_code = c_max given,
+# codes c_max < c < Z also mean P^ = 0, i.e. c_ij = tul2_quantize(P_ij, p_bits, m, c_max);
+# p_max_code None is c_max = Z - 1 (the plain log2 codes above).  Valid: 0 <= c_max <= Z - 1.
 #
 # Output.  With Vh_jd = v_jd - zv and one plane per mantissa class r = c mod 2^m:
-#     X_r,id = sum_{j: c_ij < Z, c_ij mod 2^m = r} 2^-(c_ij >> m) * Vh_jd     (exact; float64 here)
+#     X_r,id = sum_{j: c_ij <= c_max, c_ij mod 2^m = r} 2^-(c_ij >> m) * Vh_jd   (exact; float64 here)
 #     o_id   = f32(X_0)                              (m = 0)
-#     o_id   = f32(X_0) + mu * f32(X_1)              (m = 1; mu = LOG_MANTISSAS[1][1], fp32 ops)
+#     o_id   = f32(X_0) + mu_1 * f32(X_1)            (m = 1; mu_r = LOG_MANTISSAS[m][r], fp32 ops)
+#     o_id   = ((f32(X_0) + mu_1 f32(X_1)) + mu_2 f32(X_2)) + mu_3 f32(X_3)    (m = 2, in this order)
 #     y_id   = sv * o_id                             fp32
 # so P^ V needs only powers of two (exponent-field construction) and exact products.
 # Exactness: P^ <= 2^(1/2^(m+1)) P, and sum_j P_ij <= 1 + 2^-20, so every partial sum of
-# plane r is a multiple of 2^-E with magnitude < 2^9, where E = (Z - 1) >> m.  When
-# E <= 15 (p_bits <= 4 for m = 0, <= 5 for m = 1) all partial sums are exact fp32 numbers:
+# plane r is a multiple of 2^-E with magnitude < 2^9, where E = c_max >> m.  When
+# E <= 15 (p_bits <= 4 for m = 0, <= 5 for m = 1, <= 6 for m = 2, or a smaller c_max)
+# all partial sums are exact fp32 numbers:
 # a kernel accumulating in fp32 in any order (tensor cores included: nothing is ever
 # rounded) gets X exactly, and y is bit-exact.  For larger E a kernel's fp32 accumulation
 # is within N * 2^-24 * sum_j 2^-(c_ij >> m) |Vh_jd| of X (standard summation bound).
@@ -489,7 +581,7 @@ def shift_log2_dequantize(codes: torch.Tensor, bits: int, shift: float, scale: f
 
 ATTN_MAX_HEAD_DIM = 256
 ATTN_FIXED_POINT_BITS = 40
-ATTN_SUBSTEPS = (0, 1)
+ATTN_SUBSTEPS = (0, 1, 2)
 
 
 def _attn_scale_zero(what: str, scale: torch.Tensor, zero: torch.Tensor, H: int, device) -> None:
@@ -507,7 +599,8 @@ def _attn_scale_zero(what: str, scale: torch.Tensor, zero: torch.Tensor, H: int,
 
 
 def check_log2_attention_meta(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias,
-                              p_bits, substeps, out_scale, out_zero, out_bits, out_dtype) -> None:
+                              p_bits, substeps, out_scale, out_zero, out_bits, out_dtype,
+                              p_max_code=None) -> None:
     """Shape/dtype/device/argument checks (no data reads, so no host sync on a GPU)."""
     import math
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -535,6 +628,10 @@ def check_log2_attention_meta(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale
         raise ValueError(f"log2_attention: p_bits must be in 1..8, got {p_bits}")
     if substeps not in ATTN_SUBSTEPS:
         raise ValueError(f"log2_attention: substeps must be one of {ATTN_SUBSTEPS}, got {substeps}")
+    if p_max_code is not None and (isinstance(p_max_code, bool) or not isinstance(p_max_code, int)
+                                   or not 0 <= p_max_code <= (1 << p_bits) - 2):
+        raise ValueError(f"log2_attention: p_max_code must be None or an int in [0, {(1 << p_bits) - 2}] "
+                         f"for p_bits={p_bits} (code {(1 << p_bits) - 1} is the zero code), got {p_max_code!r}")
     if bias is not None:
         if bias.dtype != torch.float32:
             raise TypeError(f"log2_attention: bias must be float32, got {bias.dtype}")
@@ -559,8 +656,8 @@ def check_log2_attention_meta(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale
                              f"{tuple(out_scale.shape)} and {tuple(out_zero.shape)}")
         if out_scale.device != q.device or out_zero.device != q.device:
             raise ValueError(f"log2_attention: out_scale/out_zero must be on {q.device}")
-        if out_bits == 4 and D % 2:
-            raise ValueError(f"log2_attention: 4-bit output codes are packed in pairs along D; D={D} is odd")
+        if is_packed(out_bits) and D % 2:
+            raise ValueError(f"log2_attention: {out_bits}-bit output codes are packed in pairs along D; D={D} is odd")
     elif out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"log2_attention: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
 
@@ -611,24 +708,26 @@ def log2_attention_probs(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias=
 
 def log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale: float,
                    bias=None, p_bits: int = 4, substeps: int = 0, out_scale=None, out_zero=None,
-                   out_bits: int = 8, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   out_bits: int = 8, out_dtype: torch.dtype = torch.float32,
+                   p_max_code: int | None = None) -> torch.Tensor:
     """Quantized attention with log2-coded probabilities; see the section comment above.
+    p_max_code: the truncation code c_max of the truncated uniform-log2 quantizer (None: 2^b - 2).
 
     Returns [B, N, H, D] in out_dtype, or output codes (int8 [B, N, H, D] / packed uint8
     [B, N, H, D/2]) when out_scale/out_zero are given.
     """
     check_log2_attention_meta(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias,
-                              p_bits, substeps, out_scale, out_zero, out_bits, out_dtype)
+                              p_bits, substeps, out_scale, out_zero, out_bits, out_dtype, p_max_code)
     check_log2_attention_values(q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, bias, out_scale,
                                 out_zero, out_bits)
     B, H, N, D = q.shape
     if q.numel() == 0:
         if out_scale is None:
             return torch.empty(B, N, H, D, dtype=out_dtype, device=q.device)
-        return torch.empty(B, N, H, D // 2 if out_bits == 4 else D,
-                           dtype=torch.uint8 if out_bits == 4 else torch.int8, device=q.device)
+        return torch.empty(B, N, H, D // 2 if is_packed(out_bits) else D,
+                           dtype=torch.uint8 if is_packed(out_bits) else torch.int8, device=q.device)
     P = log2_attention_probs(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias)
-    codes = log2_quantize(P, p_bits, 1.0, substeps, zero_code=True).to(torch.int64)
+    codes = tul2_quantize(P, p_bits, substeps, p_max_code).to(torch.int64)
     keep = codes < (1 << p_bits) - 1
     vh = v.double() - _per_head(v_zero, H).double()[None, :, None, None]
     planes = []
@@ -637,8 +736,8 @@ def log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
         val = torch.where(sel, torch.exp2(-(codes >> substeps).double()), torch.zeros((), dtype=torch.float64))
         planes.append((val @ vh).float())
     o = planes[0]
-    if substeps == 1:
-        o = o + torch.tensor(LOG_MANTISSAS[1][1], dtype=torch.float32) * planes[1]
+    for r in range(1, 1 << substeps):
+        o = o + torch.tensor(LOG_MANTISSAS[substeps][r], dtype=torch.float32) * planes[r]
     y = _per_head(v_scale, H).float()[None, :, None, None] * o
     y = y.permute(0, 2, 1, 3).contiguous()
     if out_scale is None:
@@ -647,7 +746,8 @@ def log2_attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     return oc.reshape(B, N, H, -1)
 
 
-def log2_attention_flip_bound(P, v, v_scale, v_zero, p_bits: int, substeps: int, window_ulps: int):
+def log2_attention_flip_bound(P, v, v_scale, v_zero, p_bits: int, substeps: int, window_ulps: int,
+                              p_max_code: int | None = None):
     """Per-output-element bound on what code flips near boundaries can change, [B, N, H, D] float64.
 
     A reference P whose mantissa lies within ``window_ulps`` of a code threshold (or of the
@@ -663,10 +763,11 @@ def log2_attention_flip_bound(P, v, v_scale, v_zero, p_bits: int, substeps: int,
     near = ((ex == 1) & (mant <= window_ulps)) | ((ex == 0) & (mant >= (1 << 23) - window_ulps))
     for t in LOG_MANTISSA_THRESHOLDS[substeps]:
         near |= (mant - t).abs() <= window_ulps
-    top = (1 << p_bits) - 1
-    c = log_code_unclamped(P, substeps).clamp(0, top)
-    # the larger neighbour: code c - 1 (or top - 1 when the reference code is zero)
-    nb = (torch.minimum(c, torch.full_like(c, top - 1)) - 1).clamp(min=0)
+    # codes past the truncation code c_max (default 2^b - 2) decode to 0, like the zero code
+    zero_at = (1 << p_bits) - 1 if p_max_code is None else p_max_code + 1
+    c = log_code_unclamped(P, substeps).clamp(0, zero_at)
+    # the larger neighbour: code c - 1 (or c_max - 1, conservatively, when P^ is zero)
+    nb = (torch.minimum(c, torch.full_like(c, zero_at - 1)) - 1).clamp(min=0)
     step = torch.where(near, log_decode(nb, substeps).double(), torch.zeros((), dtype=torch.float64))
     vh = (v.double() - _per_head(v_zero, H).double()[None, :, None, None]).abs()
     bound = (step @ vh) * _per_head(v_scale, H).double()[None, :, None, None]
@@ -834,14 +935,14 @@ def shiftlog2_qgemm(codes: torch.Tensor, bits: int, substeps: int, act_scale: to
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if substeps not in LOG_SUBSTEPS:
         raise ValueError(f"substeps must be one of {LOG_SUBSTEPS}, got {substeps}")
-    check_bits(w_bits, ACT_BITS, "w_bits")
+    check_bits(w_bits, WEIGHT_BITS, "w_bits")
     if codes.dtype != torch.uint8 or codes.dim() != 2:
         raise TypeError(f"codes must be uint8 [M, K], got {codes.dtype} {tuple(codes.shape)}")
     if act_scale.numel() != 1:
         raise ValueError(f"act_scale must have exactly one element, got shape {tuple(act_scale.shape)}")
-    wc = unpack_int4(w) if w_bits == 4 else w
+    wc = unpack_int4(w) if is_packed(w_bits) else w
     if wc.dtype != torch.int8:
-        raise TypeError("w must be int8 (8 bit) or packed uint8 (4 bit)")
+        raise TypeError("w must be int8 (8 bit) or packed uint8 (3 or 4 bit)")
     if wc.shape[1] != codes.shape[1]:
         raise ValueError(f"K mismatch: codes have {codes.shape[1]}, weights {wc.shape[1]}")
     c = codes.to(torch.int32) & ((1 << bits) - 1)

@@ -53,9 +53,12 @@ inline void check_tensor(const at::Tensor& t, at::ScalarType want, at::IntArrayR
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// Uniform code widths (reference.ACT_BITS / WEIGHT_BITS): 3-bit codes live in the int4
+// container, so every kernel branches on packed (3, 4) vs int8 (8), never on 3 itself.
 inline void check_bits(int64_t bits, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(bits == 4 || bits == 8, op, ": ", name, " must be one of (4, 8), got ", bits);
+  TORCH_CHECK_VALUE(bits == 3 || bits == 4 || bits == 8, op, ": ", name, " must be one of (3, 4, 8), got ", bits);
 }
+inline bool is_packed(int64_t bits) { return bits == 3 || bits == 4; }
 
 // Two's-complement nibbles: element 2j in the low nibble, 2j+1 in the high nibble.
 inline int8_t low_nibble(uint8_t byte) { return static_cast<int8_t>(static_cast<uint8_t>(byte << 4)) >> 4; }

@@ -159,7 +159,8 @@ Outputs layernorm_quantize_cpu(const at::Tensor& x, const at::Tensor& weight, co
                       t->sizes());
   }
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, kOp, ": eps must be finite and > 0, got ", eps);
-  TORCH_CHECK_VALUE(bits == 8 || K % 2 == 0, kOp, ": 4-bit codes are packed in pairs along K; K=", K, " is odd");
+  TORCH_CHECK_VALUE(!is_packed(bits) || K % 2 == 0, kOp, ": ", bits, "-bit codes are packed in pairs along K; K=", K,
+                    " is odd");
   TORCH_CHECK_VALUE(max_outliers >= 0, kOp, ": max_outliers must be >= 0, got ", max_outliers);
   TORCH_CHECK_VALUE(outlier_threshold.has_value() || max_outliers == 0, kOp,
                     ": max_outliers > 0 needs an outlier_threshold");
@@ -170,8 +171,8 @@ Outputs layernorm_quantize_cpu(const at::Tensor& x, const at::Tensor& weight, co
   const float threshold = split ? static_cast<float>(*outlier_threshold) : 0.f;
   const auto i32 = x.options().dtype(at::kInt);
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor codes = bits == 4 ? at::empty({M, K / 2}, x.options().dtype(at::kByte))
-                               : at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor codes = is_packed(bits) ? at::empty({M, K / 2}, x.options().dtype(at::kByte))
+                                     : at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor s_out = at::empty({M}, f32), z_out = at::empty({M}, i32), rowsum = at::empty({M}, i32);
   at::Tensor idx = at::zeros({M, C}, i32), val = at::zeros({M, C}, f32), count = at::zeros({M}, i32);
   if (M == 0) return {codes, s_out, z_out, rowsum, idx, val, count};
@@ -212,7 +213,7 @@ Outputs layernorm_quantize_cpu(const at::Tensor& x, const at::Tensor& weight, co
         rs_p[i] = r.rowsum;
         cnt_p[i] = r.count;
         uint8_t* dst = codes_p + i * code_row;
-        if (bits == 4) {
+        if (is_packed(bits)) {
           for (int64_t j = 0; j < K / 2; ++j) dst[j] = pack_nibbles(q[2 * j], q[2 * j + 1]);
         } else {
           std::memcpy(dst, q.data(), static_cast<size_t>(K));

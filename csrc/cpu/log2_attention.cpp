@@ -2,10 +2,11 @@
 // fp32 softmax with the 40-bit fixed-point row sum, log2 codes of P read from its fp32
 // bits, and P^ V as power-of-two planes accumulated in double (exact for the code ranges
 // the reference calls exact; see the reference section for why).  One row i of one
-// (batch, head) is one work item.
+// (batch, head) is one work item.  Codes above p_max_code (TP-ViT's truncated uniform-log2,
+// reference.tul2_quantize; default 2^p_bits - 2) contribute nothing.
 //
 // The float steps are separate IEEE operations in the reference's order; contraction
-// into FMAs would change t = alpha * acc + bias and o = X0 + mu * X1 in the last bit.
+// into FMAs would change t = alpha * acc + bias and o = X0 + mu_1 X1 (+ ...) in the last bit.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -30,7 +31,9 @@ constexpr const char* kOp = "log2_attention";
 constexpr int64_t kMaxHeadDim = 256;
 constexpr float kFixedScale = 1099511627776.0f;       // 2^40: fixed point of the row sum
 constexpr float kFixedInv = 9.094947017729282e-13f;  // 2^-40
-constexpr float kMu = 0.70710677f;                    // LOG_MANTISSAS[1][1] = fp32(2^-1/2)
+// reference.LOG_MANTISSAS[m][r] = fp32(2^(-r / 2^m)), r = 1..2^m - 1 (r = 0 is 1)
+constexpr float kMu1[1] = {0.70710677f};
+constexpr float kMu2[3] = {0.840896428f, 0.707106769f, 0.594603539f};
 
 // reference.LOG_MANTISSA_THRESHOLDS, derived the same way: the 23-bit mantissa of the
 // smallest fp32 >= 2^((2r+1) / 2^(m+1)) (an irrational number, so never a tie).
@@ -44,6 +47,8 @@ int32_t mantissa_threshold(int r, int m) {
 }
 const int32_t kThrM0 = mantissa_threshold(0, 0);                                   // sqrt(2)
 const int32_t kThrM1[2] = {mantissa_threshold(0, 1), mantissa_threshold(1, 1)};   // 2^(1/4), 2^(3/4)
+const int32_t kThrM2[4] = {mantissa_threshold(0, 2), mantissa_threshold(1, 2), mantissa_threshold(2, 2),
+                           mantissa_threshold(3, 2)};                              // 2^((2r+1)/8)
 
 struct Quant {  // per-tensor or per-head scale and zero point
   const float* scale;
@@ -71,18 +76,25 @@ Quant check_quant(const at::Tensor& s, const at::Tensor& z, int64_t H, const cha
   return p;
 }
 
-// round(-2^m log2 p) from the fp32 bits of p (0 <= p <= 1), clamped to [0, top];
-// top (the zero code) for p == 0 or subnormal p.
-inline int32_t log2_code(float p, int64_t substeps, int32_t top) {
+// round(-2^m log2 p) from the fp32 bits of p (0 <= p <= 1), clamped below at 0; codes
+// above max_code (the truncation code, 2^b - 2 without truncation) become zero_code, as do
+// p == 0 and subnormal p (reference.tul2_quantize).
+inline int32_t log2_code(float p, int64_t substeps, int32_t max_code, int32_t zero_code) {
   uint32_t bits;
   std::memcpy(&bits, &p, sizeof bits);
   const int32_t ex = static_cast<int32_t>((bits >> 23) & 0xFF);
   const int32_t mant = static_cast<int32_t>(bits & 0x7FFFFF);
-  if (ex == 0) return top;
-  int32_t c = substeps == 0 ? (127 - ex) - (mant >= kThrM0)
-                            : ((127 - ex) << 1) - (mant >= kThrM1[0]) - (mant >= kThrM1[1]);
+  if (ex == 0) return zero_code;
+  int32_t c;
+  if (substeps == 0) {
+    c = (127 - ex) - (mant >= kThrM0);
+  } else if (substeps == 1) {
+    c = ((127 - ex) << 1) - (mant >= kThrM1[0]) - (mant >= kThrM1[1]);
+  } else {
+    c = ((127 - ex) << 2) - (mant >= kThrM2[0]) - (mant >= kThrM2[1]) - (mant >= kThrM2[2]) - (mant >= kThrM2[3]);
+  }
   c = c < 0 ? 0 : c;
-  return c > top ? top : c;
+  return c > max_code ? zero_code : c;
 }
 
 inline double pow2_neg(int32_t e) { return std::ldexp(1.0, -e); }
@@ -110,7 +122,7 @@ at::Tensor log2_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
                               double sm_scale, const std::optional<at::Tensor>& bias, int64_t p_bits,
                               int64_t substeps, const std::optional<at::Tensor>& out_scale,
                               const std::optional<at::Tensor>& out_zero, int64_t out_bits,
-                              at::ScalarType out_dtype) {
+                              at::ScalarType out_dtype, std::optional<int64_t> p_max_code) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kChar, kOp, ": q, k, v must be int8 codes, got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->dim() == 4, kOp, ": q, k, v must be [B, H, N, D], got shape ", t->sizes());
@@ -130,7 +142,11 @@ at::Tensor log2_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   TORCH_CHECK_VALUE(std::isfinite(sm_scale) && std::isfinite(sm), kOp, ": sm_scale must be finite in fp32, got ",
                     sm_scale);
   TORCH_CHECK_VALUE(p_bits >= 1 && p_bits <= 8, kOp, ": p_bits must be in 1..8, got ", p_bits);
-  TORCH_CHECK_VALUE(substeps == 0 || substeps == 1, kOp, ": substeps must be one of (0, 1), got ", substeps);
+  TORCH_CHECK_VALUE(substeps >= 0 && substeps <= 2, kOp, ": substeps must be one of (0, 1, 2), got ", substeps);
+  const int64_t zero_code = (int64_t{1} << p_bits) - 1;
+  TORCH_CHECK_VALUE(!p_max_code.has_value() || (*p_max_code >= 0 && *p_max_code <= zero_code - 1), kOp,
+                    ": p_max_code must be None or an int in [0, ", zero_code - 1, "] for p_bits=", p_bits,
+                    " (code ", zero_code, " is the zero code), got ", p_max_code.value_or(0));
 
   const float* bias_p = nullptr;
   int64_t bias_b = 1, bias_h = 1;
@@ -185,8 +201,10 @@ at::Tensor log2_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t qsb = q.stride(0), qsh = q.stride(1), qsn = q.stride(2);
   const int64_t ksb = k.stride(0), ksh = k.stride(1), ksn = k.stride(2);
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
-  const int32_t top = (1 << p_bits) - 1;
+  const int32_t top = static_cast<int32_t>(zero_code);
+  const int32_t max_code = static_cast<int32_t>(p_max_code.value_or(zero_code - 1));
   const int64_t planes = int64_t{1} << substeps;
+  const float* mu = substeps == 1 ? kMu1 : kMu2;
   void* out_raw = out.data_ptr();
 
   at::parallel_for(0, B * H * N, 1, [&](int64_t r0, int64_t r1) {
@@ -220,7 +238,7 @@ at::Tensor log2_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
       }
       const float l = static_cast<float>(L) * kFixedInv;
       const float rl = 1.0f / l;
-      for (int64_t j = 0; j < N; ++j) codes[j] = log2_code(e[j] * rl, substeps, top);
+      for (int64_t j = 0; j < N; ++j) codes[j] = log2_code(e[j] * rl, substeps, max_code, top);
 
       // P^ V by planes of equal mantissa class: sums of 2^-e (v - zv), exact in double
       std::fill(x.begin(), x.end(), 0.0);
@@ -232,9 +250,9 @@ at::Tensor log2_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
       const float sv = vq.s(h);
       for (int64_t d = 0; d < D; ++d) {
         float o = static_cast<float>(x[d]);
-        if (substeps == 1) {
-          const float o1 = kMu * static_cast<float>(x[D + d]);
-          o = o + o1;
+        for (int64_t r = 1; r < planes; ++r) {  // ((X0 + mu_1 X1) + mu_2 X2) + mu_3 X3, fp32 ops
+          const float o_r = mu[r - 1] * static_cast<float>(x[r * D + d]);
+          o = o + o_r;
         }
         y[d] = sv * o;
       }

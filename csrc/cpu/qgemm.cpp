@@ -146,7 +146,7 @@ VITQ_CPU_CLONES void qgemm_tiles(const GemmArgs& g, int64_t t0, int64_t t1) {
   }
 }
 
-// int16 copy of a code matrix [rows, K] (int8, or packed int4 with K/2 bytes per row).
+// int16 copy of a code matrix [rows, K] (int8, or packed 3/4-bit codes with K/2 bytes per row).
 const int16_t* widen_codes(const at::Tensor& t, int64_t bits, int64_t K, std::vector<int16_t>& buffer) {
   const int64_t rows = t.size(0);
   buffer.resize(static_cast<size_t>(rows * K));
@@ -182,8 +182,8 @@ void transpose_codes(const int16_t* w, int64_t N, int64_t K, std::vector<int16_t
 }
 
 void check_codes(const at::Tensor& t, int64_t bits, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == (bits == 4 ? at::kByte : at::kChar), kOp, ": ", name, " must be ",
-                   bits == 4 ? "uint8 (two int4 codes per byte" : "int8 (one code per byte", ", ", name,
+  TORCH_CHECK_TYPE(t.scalar_type() == (is_packed(bits) ? at::kByte : at::kChar), kOp, ": ", name, " must be ",
+                   is_packed(bits) ? "uint8 (two int4 codes per byte" : "int8 (one code per byte", ", ", name,
                    "_bits=", bits, "), got ", dtype_name(t.scalar_type()));
   check_cpu_contiguous(t, kOp, name);
   TORCH_CHECK_VALUE(t.dim() == 2, kOp, ": ", name, " must be 2-D, got shape ", t.sizes());
@@ -200,10 +200,10 @@ at::Tensor qgemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::T
   check_codes(a, a_bits, "a");
   check_codes(w, w_bits, "w");
   const int64_t M = a.size(0), N = w.size(0);
-  const int64_t K = a.size(1) * (a_bits == 4 ? 2 : 1);
-  const int64_t Kw = w.size(1) * (w_bits == 4 ? 2 : 1);
+  const int64_t K = a.size(1) * (is_packed(a_bits) ? 2 : 1);
+  const int64_t Kw = w.size(1) * (is_packed(w_bits) ? 2 : 1);
   TORCH_CHECK_VALUE(K == Kw, kOp, ": K mismatch: activations have ", K, ", weights ", Kw,
-                    " (a 4-bit tensor holds K/2 bytes per row)");
+                    " (a 3/4-bit tensor holds K/2 bytes per row)");
   TORCH_CHECK_VALUE(K <= kMaxK, kOp, ": K=", K, " > ", kMaxK, ": the int32 accumulator could overflow");
   check_tensor(a_scale, at::kFloat, {M}, kOp, "a_scale");
   check_tensor(a_zero, at::kInt, {M}, kOp, "a_zero");

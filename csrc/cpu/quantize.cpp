@@ -76,7 +76,8 @@ QuantizeResult per_token_quantize_cpu(const at::Tensor& x, int64_t bits, const s
   TORCH_CHECK_TYPE(x.is_floating_point(), kOp, ": x must be a float tensor, got ", dtype_name(x.scalar_type()));
   check_cpu_contiguous(x, kOp, "x");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK_VALUE(bits == 8 || K % 2 == 0, kOp, ": 4-bit codes are packed in pairs along K; K=", K, " is odd");
+  TORCH_CHECK_VALUE(!is_packed(bits) || K % 2 == 0, kOp, ": ", bits, "-bit codes are packed in pairs along K; K=", K,
+                    " is odd");
   TORCH_CHECK_VALUE(outlier_threshold.has_value() || max_outliers == 0, kOp,
                     ": max_outliers > 0 needs an outlier_threshold");
   TORCH_CHECK_VALUE(max_outliers >= 0, kOp, ": max_outliers must be >= 0, got ", max_outliers);
@@ -91,8 +92,8 @@ QuantizeResult per_token_quantize_cpu(const at::Tensor& x, int64_t bits, const s
 
   const auto i32 = x.options().dtype(at::kInt);
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor codes = bits == 4 ? at::empty({M, K / 2}, x.options().dtype(at::kByte))
-                               : at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor codes = is_packed(bits) ? at::empty({M, K / 2}, x.options().dtype(at::kByte))
+                                     : at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor s_out = at::empty({M}, f32);
   at::Tensor z_out = at::empty({M}, i32);
   at::Tensor rowsum = at::empty({M}, i32);
@@ -172,7 +173,7 @@ QuantizeResult per_token_quantize_cpu(const at::Tensor& x, int64_t bits, const s
         rs_p[i] = sum;
         cnt_p[i] = n_out;
         uint8_t* dst = codes_p + i * code_row;
-        if (bits == 4) {
+        if (is_packed(bits)) {
           for (int64_t j = 0; j < K / 2; ++j) dst[j] = pack_nibbles(signed_codes[2 * j], signed_codes[2 * j + 1]);
         } else {
           std::memcpy(dst, signed_codes.data(), static_cast<size_t>(K));

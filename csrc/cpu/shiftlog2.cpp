@@ -173,15 +173,15 @@ at::Tensor shiftlog2_qgemm_cpu(const at::Tensor& codes, int64_t bits, int64_t su
   check_dtype(codes, at::kByte, kOp, "codes (one Shift-Log2 code per byte)");
   check_cpu_contiguous(codes, kOp, "codes");
   TORCH_CHECK_VALUE(codes.dim() == 2, kOp, ": codes must be 2-D [M, K], got shape ", codes.sizes());
-  TORCH_CHECK_TYPE(w.scalar_type() == (w_bits == 4 ? at::kByte : at::kChar), kOp, ": w must be ",
-                   w_bits == 4 ? "uint8 (two int4 codes per byte" : "int8 (one code per byte", ", w_bits=", w_bits,
+  TORCH_CHECK_TYPE(w.scalar_type() == (is_packed(w_bits) ? at::kByte : at::kChar), kOp, ": w must be ",
+                   is_packed(w_bits) ? "uint8 (two int4 codes per byte" : "int8 (one code per byte", ", w_bits=", w_bits,
                    "), got ", w.scalar_type());
   check_cpu_contiguous(w, kOp, "w");
   TORCH_CHECK_VALUE(w.dim() == 2, kOp, ": w must be 2-D [N, K], got shape ", w.sizes());
   const int64_t M = codes.size(0), K = codes.size(1), N = w.size(0);
-  const int64_t Kw = w.size(1) * (w_bits == 4 ? 2 : 1);
+  const int64_t Kw = w.size(1) * (is_packed(w_bits) ? 2 : 1);
   TORCH_CHECK_VALUE(K == Kw, kOp, ": K mismatch: codes have ", K, ", weights ", Kw,
-                    " (a 4-bit weight holds K/2 bytes per row)");
+                    " (a 3/4-bit weight holds K/2 bytes per row)");
   check_dtype(act_scale, at::kFloat, kOp, "act_scale");
   TORCH_CHECK_VALUE(act_scale.numel() == 1 && act_scale.device().is_cpu(), kOp,
                     ": act_scale must be one fp32 value on the CPU, got shape ", act_scale.sizes());
@@ -205,7 +205,7 @@ at::Tensor shiftlog2_qgemm_cpu(const at::Tensor& codes, int64_t bits, int64_t su
     std::vector<int8_t> row(static_cast<size_t>(K));
     for (int64_t j = j0; j < j1; ++j) {
       const int8_t* src = row.data();
-      if (w_bits == 4) {
+      if (is_packed(w_bits)) {
         unpack_row(static_cast<const uint8_t*>(w.data_ptr()) + j * (K / 2), K / 2, row.data());
       } else {
         src = static_cast<const int8_t*>(w.data_ptr()) + j * K;

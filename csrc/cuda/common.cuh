@@ -47,9 +47,11 @@ inline void check_vector(const at::Tensor& t, const char* name, at::ScalarType d
   check_contiguous(t, name);
 }
 
+// uniform code widths (reference.ACT_BITS): 3-bit codes live in the int4 container
 inline void check_bits(int64_t bits, const char* what) {
-  TORCH_CHECK_VALUE(bits == 4 || bits == 8, what, " must be one of (4, 8), got ", bits);
+  TORCH_CHECK_VALUE(bits == 3 || bits == 4 || bits == 8, what, " must be one of (3, 4, 8), got ", bits);
 }
+inline bool is_packed(int64_t bits) { return bits == 3 || bits == 4; }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -316,17 +316,19 @@ at::Tensor qgemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const at::
   check_cuda(a, "a");
   check_cuda(w, "w");
   check_same_device(w, "w", a);
-  TORCH_CHECK_TYPE(a.scalar_type() == (a_bits == 4 ? at::kByte : at::kChar), "a must hold ",
-                   a_bits == 4 ? "packed uint8" : "int8", " codes for a_bits=", a_bits, ", got ", a.scalar_type());
-  TORCH_CHECK_TYPE(w.scalar_type() == (w_bits == 4 ? at::kByte : at::kChar), "w must hold ",
-                   w_bits == 4 ? "packed uint8" : "int8", " codes for w_bits=", w_bits, ", got ", w.scalar_type());
+  // 3-bit codes live in the int4 container and run the int4 kernels (no 3-bit GEMM)
+  const bool a_packed = is_packed(a_bits), w_packed = is_packed(w_bits);
+  TORCH_CHECK_TYPE(a.scalar_type() == (a_packed ? at::kByte : at::kChar), "a must hold ",
+                   a_packed ? "packed uint8" : "int8", " codes for a_bits=", a_bits, ", got ", a.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == (w_packed ? at::kByte : at::kChar), "w must hold ",
+                   w_packed ? "packed uint8" : "int8", " codes for w_bits=", w_bits, ", got ", w.scalar_type());
   TORCH_CHECK_VALUE(a.dim() == 2, "a must be 2-D [M, K], got shape ", a.sizes());
   TORCH_CHECK_VALUE(w.dim() == 2, "w must be 2-D [N, K], got shape ", w.sizes());
   check_contiguous(a, "a");
   check_contiguous(w, "w");
   const int64_t M = a.size(0), N = w.size(0);
-  const int64_t K = a_bits == 4 ? 2 * a.size(1) : a.size(1);
-  const int64_t Kw = w_bits == 4 ? 2 * w.size(1) : w.size(1);
+  const int64_t K = a_packed ? 2 * a.size(1) : a.size(1);
+  const int64_t Kw = w_packed ? 2 * w.size(1) : w.size(1);
   TORCH_CHECK_VALUE(K == Kw, "K mismatch: activations have ", K, ", weights ", Kw);
   TORCH_CHECK_VALUE(K < (int64_t{1} << 31), "K=", K, " does not fit int32 accumulation");
   check_vector(a_scale, "a_scale", at::kFloat, M, a);
@@ -380,11 +382,11 @@ at::Tensor qgemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const at::
   ep.outlier_val = capacity > 0 ? outlier_val->data_ptr<float>() : nullptr;
   ep.capacity = capacity;
 
-  if (a_bits == 8 && w_bits == 8) {
+  if (!a_packed && !w_packed) {
     launch_qgemm<false, false>(a, w, y, K, ep);
-  } else if (a_bits == 8) {
+  } else if (!a_packed) {
     launch_qgemm<false, true>(a, w, y, K, ep);
-  } else if (w_bits == 8) {
+  } else if (!w_packed) {
     launch_qgemm<true, false>(a, w, y, K, ep);
   } else {
     launch_qgemm<true, true>(a, w, y, K, ep);

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kQuantThreads) per_token_quantize_kernel(
     int32_t* __restrict__ outlier_count, unsigned long long* __restrict__ status) {
   constexpr int kHalf = 1 << (kBits - 1);
   constexpr float kLevels = static_cast<float>((1 << kBits) - 1);
-  constexpr int kPerItem = kBits == 4 ? 2 : 1;  // elements per stored byte
+  constexpr int kPerItem = kBits <= 4 ? 2 : 1;  // elements per stored byte (3/4-bit: packed pairs)
   __shared__ int iscratch[kQuantWarps];
   __shared__ float fscratch[2 * kQuantWarps];
 
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kQuantThreads) per_token_quantize_kernel(
         rowsum += c[e];
         flags |= static_cast<int>(outlier) << e;
       }
-      if constexpr (kBits == 4) {
+      if constexpr (kBits <= 4) {
         codes[row * n_items + item] = pack_pair(c[0], c[1]);
       } else {
         codes[row * n_items + item] = static_cast<uint8_t>(static_cast<int8_t>(c[0]));
@@ -209,7 +209,7 @@ per_token_quantize_cuda(const at::Tensor& x, int64_t bits, const std::optional<a
   check_cuda(x, "x");
   check_contiguous(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK_VALUE(!(bits == 4 && K % 2), "4-bit codes are packed in pairs along K; K=", K, " is odd");
+  TORCH_CHECK_VALUE(!(is_packed(bits) && K % 2), bits, "-bit codes are packed in pairs along K; K=", K, " is odd");
   TORCH_CHECK_VALUE(K < (int64_t{1} << 31), "K=", K, " does not fit the int32 outlier indices");
   TORCH_CHECK_VALUE(outlier_threshold.has_value() || max_outliers == 0,
                     "max_outliers > 0 needs an outlier_threshold");
@@ -239,8 +239,8 @@ per_token_quantize_cuda(const at::Tensor& x, int64_t bits, const std::optional<a
   }
 
   const auto opts = x.options();
-  at::Tensor codes = at::empty(bits == 4 ? at::IntArrayRef{M, K / 2} : at::IntArrayRef{M, K},
-                               opts.dtype(bits == 4 ? at::kByte : at::kChar));
+  at::Tensor codes = at::empty(is_packed(bits) ? at::IntArrayRef{M, K / 2} : at::IntArrayRef{M, K},
+                               opts.dtype(is_packed(bits) ? at::kByte : at::kChar));
   at::Tensor scale_out = at::empty({M}, opts.dtype(at::kFloat));
   at::Tensor zero_out = at::empty({M}, opts.dtype(at::kInt));
   at::Tensor rowsum = at::empty({M}, opts.dtype(at::kInt));
@@ -265,7 +265,9 @@ per_token_quantize_cuda(const at::Tensor& x, int64_t bits, const std::optional<a
   const float threshold = has_threshold ? static_cast<float>(*outlier_threshold) : 0.f;
   auto launch = [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
-    auto kernel = bits == 4 ? per_token_quantize_kernel<scalar_t, 4> : per_token_quantize_kernel<scalar_t, 8>;
+    auto kernel = bits == 3   ? per_token_quantize_kernel<scalar_t, 3>
+                  : bits == 4 ? per_token_quantize_kernel<scalar_t, 4>
+                              : per_token_quantize_kernel<scalar_t, 8>;
     kernel<<<static_cast<unsigned>(M), kQuantThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), K, scale.has_value() ? static_scale.data_ptr<float>() : nullptr,
         scale.has_value() ? static_zero.data_ptr<int32_t>() : nullptr, T, has_threshold, threshold, max_outliers,

@@ -7,6 +7,7 @@ Calibration (fake quantization that computes exactly what the kernels compute):
 """
 from .config import PRESETS, ADFQConfig
 from .api import evaluate, load_quantized, quantize, save_quantized
+from . import ranking  # noqa: F401  (registers the 'dhe_ranking' MHA loss)
 
 __all__ = ["ADFQConfig", "PRESETS", "quantize", "evaluate", "save_quantized", "load_quantized"]
 # export / save / load of deploy models: added by the export layer

@@ -91,9 +91,35 @@ def _config_from_args(args):
     for name in ("iters", "calib_images", "batch_size"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.dhe:
+        kw.update(dhe=True, dhe_weight=args.dhe_weight)
+    if args.bit_decline:
+        kw["bit_decline"] = _parse_widths(args.bit_decline)
+    if args.softmax_quant is not None:
+        kw["softmax_quant"] = args.softmax_quant
     if args.baseline:
         return ADFQConfig.baseline(**kw)
     return ADFQConfig(**kw)
+
+
+def _parse_widths(text: str):
+    try:
+        return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise CliError(f"--bit-decline takes comma-separated widths such as 8,6,4, got {text!r}") from None
+
+
+def _arpr_report(args, qmodel, evalset, batch_size):
+    """ARPR (docs/dhe.md) on the first --metric-images evaluation images, unless --no-arpr."""
+    if args.no_arpr:
+        return None
+    from . import api, metrics
+    n = min(args.metric_images, len(evalset)) if hasattr(evalset, "__len__") else args.metric_images
+    images = api.collect_images(evalset, n)
+    dev = next(qmodel.parameters()).device
+    out = metrics.attention_ranking(qmodel, images, batch_size=min(batch_size, 16), device=dev)
+    out["split"] = "evaluation"
+    return out
 
 
 def _versions():
@@ -135,7 +161,10 @@ def cmd_quantize(args) -> dict:
     res = api.evaluate(qmodel, evalset, fp_model=fp, batch_size=cfg.eval_batch_size, progress=cfg.progress)
     report = {"command": " ".join(["vitq"] + sys.argv[1:]) if args.argv is None else " ".join(["vitq"] + args.argv),
               "model": args.model, "checkpoint": args.checkpoint, "img_size": args.img_size, "data": args.data,
-              "note": note, "eval": res, "quantize": qmodel.vitq_report, "versions": _versions()}
+              "note": note, "eval": res, "quantize": qmodel.vitq_report, "versions": _versions(),
+              "method": {"dhe": cfg.dhe, "dhe_weight": cfg.dhe_weight if cfg.dhe else None,
+                         "bit_decline": list(cfg.bit_decline) if cfg.bit_decline else None}}
+    report["attention_ranking"] = _arpr_report(args, qmodel, evalset, cfg.eval_batch_size)
     if args.metrics:
         report["metrics"] = metrics.layer_report(qmodel, calib[:args.metric_images].to(dev))
     report["seconds"] = time.perf_counter() - t0
@@ -174,6 +203,7 @@ def cmd_eval(args) -> dict:
         qmodel = api.load_quantized(args.quantized, build_model(model_name, checkpoint, img_size))
         report["eval"] = api.evaluate(qmodel, evalset, fp_model=fp, progress=not args.quiet)
         report["quantized"] = str(args.quantized)
+        report["attention_ranking"] = _arpr_report(args, qmodel, evalset, 16)
         if args.metrics:
             report["metrics"] = metrics.layer_report(qmodel, calib)
     report["seconds"] = time.perf_counter() - t0
@@ -189,10 +219,13 @@ def _print_summary(report: dict):
     for key in ("fp_top1", "top1", "agreement"):
         if ev.get(key) is not None:
             parts.append(f"{key}={ev[key]:.2f}%")
+    ar = report.get("attention_ranking")
+    if ar:
+        parts.append(f"arpr={100 * ar['arpr']:.2f}%")
     m = report.get("metrics")
     if m:
         parts.append(f"mean_layer_sqnr={m['mean_layer_sqnr']:.2f}dB attention_kl={m['mean_attention_kl']:.4g} "
-                     f"arpr={100 * m['arpr']:.2f}%")
+                     f"calib_arpr={100 * m['arpr']:.2f}%")
     print("vitq: " + " ".join(parts) + (f"  (report: {report['report_path']})" if "report_path" in report else ""))
 
 
@@ -208,7 +241,10 @@ def _common(p):
                    help=f"{' | '.join(DATA_CHOICES)} | a folder path (default fashion-mnist)")
     p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images")
     p.add_argument("--metrics", action="store_true", help="also per-layer SQNR, attention KL and ARPR")
-    p.add_argument("--metric-images", type=int, default=32, help="images for --metrics (default 32)")
+    p.add_argument("--metric-images", type=int, default=32,
+                   help="images for --metrics and for ARPR (default 32)")
+    p.add_argument("--no-arpr", action="store_true",
+                   help="skip the attention ranking preservation rate (reported by default for quantized models)")
     p.add_argument("--out", default=None, help="output folder (or .json file for the report)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -231,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=int, default=None, help="reconstruction iterations per unit (default: preset)")
     q.add_argument("--calib-images", type=int, default=None, help="calibration images (default: preset)")
     q.add_argument("--batch-size", type=int, default=None, help="reconstruction batch (default: preset)")
+    q.add_argument("--dhe", action="store_true",
+                   help="DHE: add the attention ranking loss to AMO's MHA loss (docs/dhe.md)")
+    q.add_argument("--dhe-weight", type=float, default=1.0, help="weight of the DHE ranking loss (default 1.0)")
+    q.add_argument("--bit-decline", default=None, metavar="WIDTHS",
+                   help="TP-ViT progressive bit decline, e.g. 8,6,4 (ending at min(w-bits, a-bits)); docs/tp_vit.md")
+    q.add_argument("--softmax-quant", default=None, choices=("log2", "uniform", "tul2"),
+                   help="post-softmax quantizer: log2 (ADFQ-ViT, default), tul2 (TP-ViT truncated "
+                        "uniform-log2, docs/tp_vit.md), uniform")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     q.set_defaults(func=cmd_quantize)

@@ -14,6 +14,23 @@ PRESETS = {
 }
 
 
+# Octaves of the paper's 4-bit base-2 Shift-Log2 quantizer: 2^4 codes, one octave apart.
+SLQ_OCTAVES = 15
+
+
+def slq_substeps_for(bits: int) -> int:
+    """'auto' Shift-Log2 base: the finest 2^(1/2^m), m <= 2, whose 2^b codes still span the
+    SLQ_OCTAVES octaves of the paper's 4-bit base-2 quantizer.  At <= 4 bits that is base 2
+    (the paper); at 8 bits base 2^(1/4).  A log quantizer's relative step is fixed by its base,
+    not by its width, so base 2 at 8 bits spends 240 codes on octaves below 2^-15 and keeps a
+    41% worst-case error on the large values: measured on DINOv2-S W8A8 (no AMO, 96 images),
+    logit cosine to fp 0.964 with base 2 against 0.991 with 2^(1/4) (0.992 with SLQ off)."""
+    m = 0
+    while m < 2 and ((1 << bits) - 1) / (1 << (m + 1)) >= SLQ_OCTAVES:
+        m += 1
+    return m
+
+
 @dataclass
 class ADFQConfig:
     """ADFQ-ViT settings.  Defaults follow seed 002 sec. 4.1 unless a field's comment says otherwise.
@@ -45,9 +62,12 @@ class ADFQConfig:
     # SLQ and post-softmax
     slq_shift: Union[str, float] = "gelu"   # 'gelu' (constant GELU minimum) | 'calibrated' | a number
     slq_eps: float = 1e-3
-    slq_substeps: int = 0                   # 0: base 2 (paper); 1: base sqrt(2) (public code)
-    softmax_quant: str = "log2"             # 'log2' | 'uniform' (the plain baseline)
-    softmax_substeps: int = 0
+    slq_substeps: Union[int, str] = "auto"  # 0: base 2 (paper); 1: base sqrt(2) (public code); 2: 2^(1/4);
+                                            # 'auto': slq_substeps_for(a_bits) (base 2 at <= 4 bits)
+    softmax_quant: str = "log2"             # 'log2' | 'uniform' (the plain baseline) | 'tul2' (TP-ViT's
+                                            # truncated uniform-log2: substeps m in {0,1,2} and truncation
+                                            # calibrated per attention module, docs/tp_vit.md)
+    softmax_substeps: int = 0               # m of 'log2' ('tul2' searches m itself)
 
     # exact fp-equivalent rewrite: subtract each key channel's calibration midpoint (transforms.py)
     center_keys: bool = True
@@ -74,6 +94,19 @@ class ADFQConfig:
     mha_extra_losses: Sequence[Tuple[Union[str, Callable], float]] = ()
     step_hooks: Sequence[Callable] = ()
 
+    # DHE (seed 000, docs/dhe.md): attention ranking hinge added to the MHA loss (ranking.py)
+    dhe: bool = False                       # add dhe_weight * L_rank to every unit with attention
+    dhe_weight: float = 1.0                 # L_rank is in gap units, summed over heads/rows like L_as
+    dhe_margin_quantile: Optional[float] = 0.5  # (a) dynamic margin: q-quantile of the row's fp gaps; None: fixed
+    dhe_fixed_margin: float = 0.0           # margin when dhe_margin_quantile is None (0: order only)
+    dhe_sensitivity: bool = True            # (b) weight pairs by their fp attention mass
+    dhe_head_norm: bool = True              # (c) divide each head's loss by its own mean fp gap
+    dhe_pairs: Optional[int] = 64           # sampled key pairs per attention row; None: all pairs
+
+    # TP-ViT progressive bit-decline (seed 001, docs/tp_vit.md, bit_decline.py): e.g. (8, 6, 4);
+    # strictly decreasing, ending at min(w_bits, a_bits); None = off.  Needs reconstruction (amo).
+    bit_decline: Optional[Tuple[int, ...]] = None
+
     # running
     device: Optional[str] = None            # None: cuda when available, else cpu
     eval_batch_size: int = 32
@@ -91,11 +124,11 @@ class ADFQConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         _choice("poq_granularity", self.poq_granularity, ("token", "position"))
-        _choice("softmax_quant", self.softmax_quant, ("log2", "uniform"))
+        _choice("softmax_quant", self.softmax_quant, ("log2", "uniform", "tul2"))
         _choice("recon", self.recon, ("module", "block"))
         _choice("w_init", self.w_init, ("minmax", "mse"))
         _choice("a_init", self.a_init, INIT_METHODS)
-        _choice("slq_substeps", self.slq_substeps, (0, 1, 2))
+        _choice("slq_substeps", self.slq_substeps, (0, 1, 2, "auto"))
         _choice("softmax_substeps", self.softmax_substeps, (0, 1, 2))
         for name in ("alpha_qkv", "alpha_fc1"):
             a = getattr(self, name)
@@ -116,6 +149,21 @@ class ADFQConfig:
             raise ValueError(f"qdrop_prob must be in [0, 1), got {self.qdrop_prob}")
         if len(self.beta) != 2 or min(self.beta) <= 0:
             raise ValueError(f"beta must be (start, end) > 0, got {self.beta!r}")
+        if not (isinstance(self.dhe_weight, (int, float)) and self.dhe_weight >= 0):
+            raise ValueError(f"dhe_weight must be a number >= 0, got {self.dhe_weight!r}")
+        if self.dhe_margin_quantile is not None and not (
+                isinstance(self.dhe_margin_quantile, (int, float)) and 0 <= self.dhe_margin_quantile <= 1):
+            raise ValueError(f"dhe_margin_quantile must be in [0, 1] or None, got {self.dhe_margin_quantile!r}")
+        if not (isinstance(self.dhe_fixed_margin, (int, float)) and self.dhe_fixed_margin >= 0):
+            raise ValueError(f"dhe_fixed_margin must be a number >= 0, got {self.dhe_fixed_margin!r}")
+        if self.dhe_pairs is not None and (isinstance(self.dhe_pairs, bool) or not isinstance(self.dhe_pairs, int)
+                                           or self.dhe_pairs < 1):
+            raise ValueError(f"dhe_pairs must be a positive int or None, got {self.dhe_pairs!r}")
+        if self.bit_decline is not None:
+            from .bit_decline import check_schedule
+            self.bit_decline = check_schedule(self.bit_decline, min(self.w_bits, self.a_bits))
+            if not self.amo:
+                raise ValueError("bit_decline works on top of reconstruction: it needs amo=True")
         return self
 
     def resolved(self, key: str):
@@ -124,10 +172,15 @@ class ADFQConfig:
         return PRESETS[self.preset][key] if v is None else v
 
     @property
+    def slq_substeps_resolved(self) -> int:
+        return slq_substeps_for(self.a_bits) if self.slq_substeps == "auto" else int(self.slq_substeps)
+
+    @property
     def exportable(self) -> bool:
-        """The kernels take 4/8-bit activation codes and 3/4/8-bit weights."""
-        return (self.a_bits in (4, 8) and self.w_bits in (3, 4, 8) and self.stem_bits in (4, 8)
-                and self.head_bits in (4, 8))
+        """The kernels take 3/4/8-bit activation codes and 3/4/8-bit weights (3 bit in the int4
+        container); stem and head use one width for both."""
+        return (self.a_bits in (3, 4, 8) and self.w_bits in (3, 4, 8) and self.stem_bits in (3, 4, 8)
+                and self.head_bits in (3, 4, 8))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -143,6 +196,8 @@ class ADFQConfig:
         kw = {k: v for k, v in d.items() if k in known and k not in ("mha_extra_losses", "step_hooks")}
         if "beta" in kw:
             kw["beta"] = tuple(kw["beta"])
+        if kw.get("bit_decline") is not None:
+            kw["bit_decline"] = tuple(kw["bit_decline"])
         return cls(**kw)
 
     @classmethod

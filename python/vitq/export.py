@@ -3,8 +3,12 @@
 ``export(qmodel)`` copies the model and replaces every quantized module by its deploy
 counterpart from ``vitq_kernels.modules``: each pre-norm ViT block becomes a ``QBlock``
 (fused LayerNorm-quantize, qkv qgemm, log2 attention, proj qgemm, fc1+GELU+Shift-Log2,
-fc2 decode GEMM), the patch embedding a ``QPatchEmbedConv``, every other quantized Linear
-(heads) a ``QLinear``.  Integer weight codes are the ones calibration fixed (AdaRound's
+fc2 decode GEMM), each timm Swin block a ``QSwinBlock`` (the same ops inside shifted windows,
+relative-position bias + shift mask as log2_attention's bias; vitq_kernels/swin.py), each
+Swin patch merging a ``QPatchMerging``, the patch embedding a ``QPatchEmbedConv``, every other
+quantized Linear (heads) a ``QLinear``.  Without gradients the fake-quant model computes the
+kernels' numbers (vitq/exact.py), so deploy and fake-quant agree bit for bit on CPU up to
+float64 rounding coincidences (tests/test_export.py).  Integer weight codes are the ones calibration fixed (AdaRound's
 hard rounding), packed to int4 where they fit; static activation parameters, outlier
 thresholds and capacities are copied; Shift-Log2's shift is folded into fc2's bias.
 If any quantized matmul cannot be mapped, export raises: nothing falls back to fp silently.
@@ -25,8 +29,9 @@ import torch
 import torch.nn as nn
 
 from vitq_kernels import modules as dm
+from vitq_kernels.reference import ACT_BITS, ATTN_SUBSTEPS, WEIGHT_BITS
 
-from .quantizers import Log2Quantizer, ShiftLog2Quantizer, UniformActQuantizer
+from .quantizers import Log2Quantizer, ShiftLog2Quantizer, TruncatedLog2Quantizer, UniformActQuantizer
 from .wrap import QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
 
 FORMAT = "vitq-deploy"
@@ -48,8 +53,9 @@ def _act(q, where: str) -> dm.ActQuant:
     if not isinstance(q, UniformActQuantizer):
         raise ExportError(f"{where}: expected a uniform activation quantizer, got {type(q).__name__}")
     p = q.export_params()
-    if p["bits"] not in (4, 8):
-        raise ExportError(f"{where}: {p['bits']}-bit activations are emulation-only; the kernels run 4 and 8 bit")
+    if p["bits"] not in ACT_BITS:
+        raise ExportError(f"{where}: {p['bits']}-bit activations are emulation-only; the kernels run "
+                          f"{ACT_BITS} bit (3 in the int4 container)")
     if p["granularity"] == "token":
         scale = zero = None
     else:
@@ -60,16 +66,17 @@ def _act(q, where: str) -> dm.ActQuant:
 def _weights(wq, where: str):
     p = wq.export_params()
     bits = p["bits"]
-    if bits not in (3, 4, 8):
+    if bits not in WEIGHT_BITS:
         raise ExportError(f"{where}: {bits}-bit weights are emulation-only; export supports 3/4 (int4) and 8")
     codes = p["codes"].reshape(p["codes"].shape[0], -1).to(torch.int8)
-    return codes, p["scale"].float(), p["zero"].to(torch.int32), (4 if bits <= 4 else 8)
+    # the width itself is passed on (QLinear packs 3 and 4 bit into int4 and checks the code range)
+    return codes, p["scale"].float(), p["zero"].to(torch.int32), bits
 
 
 def _linear(ql: QuantLinear | QuantConv2d, where: str, act: dm.ActQuant | None = None) -> dm.QLinear:
-    codes, s, z, container = _weights(ql.weight_quant, where)
+    codes, s, z, w_bits = _weights(ql.weight_quant, where)
     a = act if act is not None else _act(ql.act_quant, where)
-    return dm.QLinear(codes, s, z, ql.bias, a, container)
+    return dm.QLinear(codes, s, z, ql.bias, a, w_bits)
 
 
 def _ln_quant(norm: nn.Module, ql: QuantLinear, where: str) -> dm.QLayerNormQuant:
@@ -79,12 +86,15 @@ def _ln_quant(norm: nn.Module, ql: QuantLinear, where: str) -> dm.QLayerNormQuan
 
 
 def _attention(attn: QuantAttention, where: str) -> dm.QAttention:
-    if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity) \
-            or not isinstance(attn.norm, nn.Identity):
+    ident = nn.Identity()
+    if not all(isinstance(getattr(attn, n, ident), nn.Identity) for n in ("q_norm", "k_norm", "norm")):
         raise ExportError(f"{where}: q/k norms inside attention are not supported by the deploy kernels")
-    if not isinstance(attn.p_quant, Log2Quantizer):
-        raise ExportError(f"{where}: the deploy attention kernel needs the log2 post-softmax quantizer")
+    if not isinstance(attn.p_quant, (Log2Quantizer, TruncatedLog2Quantizer)):
+        raise ExportError(f"{where}: the deploy attention kernel needs the log2 (or truncated log2) "
+                          "post-softmax quantizer")
     pp = attn.p_quant.export_params()
+    if pp["substeps"] not in ATTN_SUBSTEPS:
+        raise ExportError(f"{where}: post-softmax substeps {pp['substeps']} not in the kernels' {ATTN_SUBSTEPS}")
     if pp["scale"] != 1.0:
         raise ExportError(f"{where}: post-softmax log2 scale must be 1")
     qs, zs, bits = [], [], set()
@@ -95,14 +105,14 @@ def _attention(attn: QuantAttention, where: str) -> dm.QAttention:
         qs.append(p["scale"].reshape(1))
         zs.append(p["zero"].reshape(1))
         bits.add(p["bits"])
-    if len(bits) != 1 or next(iter(bits)) not in (4, 8):
-        raise ExportError(f"{where}: q/k/v need one shared bit width in (4, 8), got {sorted(bits)}")
+    if len(bits) != 1 or next(iter(bits)) not in ACT_BITS:
+        raise ExportError(f"{where}: q/k/v need one shared bit width in {ACT_BITS}, got {sorted(bits)}")
     proj = _linear(attn.proj, f"{where}.proj")
     if proj.act.scale is None or proj.act.scale.numel() != 1 or proj.act.max_outliers:
         raise ExportError(f"{where}.proj: the attention output feeds proj through a static per-tensor quantizer")
     qkv = _linear(attn.qkv, f"{where}.qkv")
     return dm.QAttention(qkv, proj, attn.num_heads, float(attn.scale), torch.cat(qs), torch.cat(zs),
-                         bits.pop(), pp["bits"], pp["substeps"])
+                         bits.pop(), pp["bits"], pp["substeps"], pp.get("max_code"))
 
 
 def _mlp(mlp: nn.Module, where: str) -> dm.QMlp:
@@ -118,10 +128,10 @@ def _mlp(mlp: nn.Module, where: str) -> dm.QMlp:
         if p["bits"] > 8:
             raise ExportError(f"{where}.fc2: Shift-Log2 codes are at most 8 bit")
         slq = {"bits": p["bits"], "substeps": p["substeps"], "shift": p["shift"], "scale": float(p["scale"].reshape(-1)[0])}
-        codes, s, z, container = _weights(mlp.fc2.weight_quant, f"{where}.fc2")
+        codes, s, z, w_bits = _weights(mlp.fc2.weight_quant, f"{where}.fc2")
         # fc2's own activation quantizer is replaced by the Shift-Log2 codes; keep a valid
         # placeholder ActQuant (unused) so the module has one shape for save/load
-        fc2 = dm.QLinear(codes, s, z, mlp.fc2.bias, dm.ActQuant(8), container)
+        fc2 = dm.QLinear(codes, s, z, mlp.fc2.bias, dm.ActQuant(8), w_bits)
     else:
         slq = None
         fc2 = _linear(mlp.fc2, f"{where}.fc2")
@@ -147,6 +157,30 @@ def _block(block: nn.Module, where: str) -> dm.QBlock:
                      _mlp(block.mlp, f"{where}.mlp"), _layer_scale(block.ls2))
 
 
+def _swin_block(block: nn.Module, where: str) -> dm.QSwinBlock:
+    """A timm SwinTransformerBlock: the block's static window/shift and its attention bias
+    (relative-position bias + shift mask, summed as QuantWindowAttention sums them)."""
+    for drop in ("drop_path1", "drop_path2"):
+        if not isinstance(getattr(block, drop, nn.Identity()), nn.Identity) and block.training:
+            raise ExportError(f"{where}: export needs eval mode (drop path)")
+    if getattr(block, "dynamic_mask", False):
+        raise ExportError(f"{where}: a Swin block with dynamic_mask=True builds its mask per input; export "
+                          "needs the static mask of a fixed resolution")
+    attn = block.attn
+    with torch.no_grad():
+        rel = attn._rel_pos_bias().float()                                   # [1, H, N, N]
+        mask = getattr(block, "attn_mask", None)
+        bias = rel if mask is None else (rel.unsqueeze(1) + mask.float().unsqueeze(1).unsqueeze(0))[0]
+    for n in ("qkv", "fc1"):
+        q = (attn.qkv if n == "qkv" else block.mlp.fc1).act_quant
+        if getattr(q, "granularity", "token") == "position":
+            raise ExportError(f"{where}.{n}: per-position scales do not survive Swin's roll/partition; "
+                              "use per-token or per-tensor quantizers")
+    return dm.QSwinBlock(_ln_quant(block.norm1, attn.qkv, f"{where}.norm1"), _attention(attn, f"{where}.attn"),
+                         _ln_quant(block.norm2, block.mlp.fc1, f"{where}.norm2"), _mlp(block.mlp, f"{where}.mlp"),
+                         block.window_size, block.shift_size, bias.contiguous())
+
+
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -160,10 +194,16 @@ def export(qmodel: nn.Module) -> nn.Module:
     for name, m in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(m, QuantWindowAttention):
-            raise ExportError(f"{name}: Swin window attention is calibrated in emulation but has no deploy "
-                              "block yet (export supports ViT/DeiT/DINOv2 blocks)")
-        if hasattr(m, "attn") and isinstance(m.attn, QuantAttention) and hasattr(m, "mlp"):
+        if hasattr(m, "attn") and isinstance(m.attn, QuantWindowAttention) and hasattr(m, "mlp"):
+            replaced[name] = _swin_block(m, name)
+            skip.add(name)
+        elif isinstance(m, QuantWindowAttention):
+            raise ExportError(f"{name}: window attention outside a Swin block is not deployable")
+        elif isinstance(getattr(m, "reduction", None), QuantLinear) and isinstance(getattr(m, "norm", None), nn.LayerNorm):
+            replaced[name] = dm.QPatchMerging(_ln_quant(m.norm, m.reduction, f"{name}.norm"),
+                                              _linear(m.reduction, f"{name}.reduction"))
+            skip.add(name)
+        elif hasattr(m, "attn") and isinstance(m.attn, QuantAttention) and hasattr(m, "mlp"):
             replaced[name] = _block(m, name)
             skip.add(name)
         elif isinstance(m, QuantConv2d):
@@ -179,7 +219,8 @@ def export(qmodel: nn.Module) -> nn.Module:
             raise ExportError(f"{name}: attention outside a pre-norm block is not deployable")
     for name, new in replaced.items():
         _set_child(model, name, new)
-    left = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantAttention))]
+    left = [n for n, m in model.named_modules()
+            if isinstance(m, (QuantLinear, QuantConv2d, QuantAttention, QuantWindowAttention))]
     if left:
         raise ExportError(f"quantized modules without a deploy mapping: {left}")
     model.vitq_deploy = {"modules": {n: dm.module_config(m) for n, m in replaced.items()}}

@@ -131,3 +131,29 @@ def layer_report(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 16, 
         "mean_attention_kl": sum(kl_sum.values()) / max(1, sum(kl_rows.values())),
         "arpr": sum(kept.values()) / max(1, sum(counted.values())),
     }
+
+
+@torch.no_grad()
+def attention_ranking(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 16, pairs: Optional[int] = 256,
+                      device=None) -> dict:
+    """ARPR alone (cheap: two forwards per batch, no per-layer hooks), over every attention row of
+    every attention module on ``images``: {"arpr", "kept", "counted", "images", "pairs_per_row"}."""
+    dev = torch.device(device) if device is not None else next(qmodel.parameters()).device
+    attns = dict(attention_modules(qmodel))
+    if not attns:
+        raise ValueError("ARPR needs a quantized model with attention modules")
+    g = torch.Generator().manual_seed(0)
+    kept = counted = 0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size].to(dev)
+        with fp_mode(qmodel), record_attention(qmodel):
+            qmodel(x)
+            ref_p = [m.last_probs for m in attns.values()]
+        with record_attention(qmodel):
+            qmodel(x)
+            q_p = [m.last_probs for m in attns.values()]
+        for a, b in zip(ref_p, q_p):
+            k, c = arpr(a, b, pairs, g)
+            kept, counted = kept + k, counted + c
+    return {"arpr": kept / max(1, counted), "kept": kept, "counted": counted, "images": int(images.shape[0]),
+            "pairs_per_row": pairs}

@@ -14,11 +14,13 @@ Quantizers
     ``tensor``   one static scale (the "per-tensor uniform" of sec. 4.1).
     With ``alpha`` set, |x| > alpha are outliers kept in full precision (POQ eq. 18-20).
 ``Log2Quantizer``        post-softmax log2 with a zero code, scale fixed at 1 (eq. 13-15).
+``TruncatedLog2Quantizer`` post-softmax truncated uniform-log2 (TP-ViT): calibrated 1/2^m-octave
+                         steps and truncation point (docs/tp_vit.md).
 ``ShiftLog2Quantizer``   SLQ for post-GELU: static shift, learnable scale (eq. 22-24).
 ``WeightQuantizer``      per-output-channel uniform weights with AdaRound (eq. 25-26, 30).
 
-Bit widths: emulation accepts 2..8 bits everywhere; the kernels take activation codes of 4 or 8
-bits and weights of 3 (in int4 containers), 4 or 8 bits (``exportable``).
+Bit widths: emulation accepts 2..8 bits everywhere; the kernels take activation codes and weights
+of 3, 4 or 8 bits, 3-bit codes in the int4 container (``exportable``).
 """
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ class ActQuantizer(nn.Module):
     the elements unquantized, during reconstruction only."""
 
     learnable_scale = False
+    blend = None  # bit_decline.py: fn(quantizer, x, y) -> y mixing in another width while reconstructing
 
     def __init__(self, bits: int):
         super().__init__()
@@ -129,6 +132,8 @@ class ActQuantizer(nn.Module):
             raise ValueError(f"{type(self).__name__}: input contains NaN or Inf; quantization is "
                              "undefined for non-finite values")
         y = self.fake_quant(x)
+        if self.blend is not None:
+            y = self.blend(self, x, y)
         if self.drop_prob > 0:
             y = torch.where(torch.rand_like(x) < self.drop_prob, x, y)
         return y
@@ -419,6 +424,158 @@ class Log2Quantizer(ActQuantizer):
         return {"bits": self.bits, "substeps": self.substeps, "scale": 1.0}
 
 
+class TruncatedLog2Quantizer(ActQuantizer):
+    """Post-softmax truncated uniform-log2 quantizer (TP-ViT, seed 001; docs/tp_vit.md).
+
+    Codes ``reference.tul2_quantize(p, bits, m, c_max)``: uniform steps of 1/2^m octave in the
+    log2 domain over [t_min, 0], t_min = -(c_max + 1/2) / 2^m; below t_min P^ = 0.  Scale 1, so
+    the attention kernel decodes by shift plus a 2^m-entry mantissa table.
+
+    Calibration picks (m, c_max) from ``substeps_choices`` x [0, 2^b - 2] by minimising, over
+    sampled rows of calibration attention, the squared error of the attention output
+    sum_i ||(P^_i - P_i) V||^2 when the attention module handed over V (``observe_values``),
+    else the squared error of P^ itself.  (m, c_max) = (0, 2^b - 2) is the plain log2
+    quantizer, so the chosen point is never worse than plain log2 on that objective.
+    ``substeps``/``max_code`` given at construction fix those parameters instead."""
+
+    SAMPLE_CAP = 1 << 21   # values kept for the search (sampled P rows and their V), 2x at most
+    ROWS_PER_SLICE = 32    # query rows kept per sampled (image, head) slice
+
+    def __init__(self, bits: int, substeps_choices=(0, 1, 2), substeps: Optional[int] = None,
+                 max_code: Optional[int] = None):
+        super().__init__(bits)
+        choices = tuple(substeps_choices) if substeps is None else (substeps,)
+        if not choices or any(m not in ref.LOG_SUBSTEPS for m in choices):
+            raise ValueError(f"substeps must be in {ref.LOG_SUBSTEPS}, got {choices}")
+        self.substeps_choices = choices
+        top = (1 << bits) - 1
+        if max_code is not None:
+            ref.check_tul2(bits, choices[0], max_code)
+        self.fixed_max_code = max_code
+        self.substeps = choices[0]
+        self.max_code = top - 1 if max_code is None else max_code
+        self.register_buffer("scale", torch.ones(1))
+        self.search_errors = None       # {(m, c_max): error} of the last calibration
+        self.objective = None           # 'output' ((P^ - P) V) or 'probs' (P^ - P) once calibrated
+        self._pending_values = None
+        self._samples = []              # (P rows [S, R, N], V [S, N, D] or None), on CPU
+        self._n_samples = 0
+        self.initialized = substeps is not None and max_code is not None
+
+    @property
+    def t_min(self) -> float:
+        return ref.tul2_truncation_point(self.substeps, self.max_code)
+
+    def extra_repr(self):
+        return (f"bits={self.bits}, base=2^(1/{1 << self.substeps}), max_code={self.max_code}, "
+                f"t_min={self.t_min:.3f}")
+
+    # -- calibration -------------------------------------------------------------------------
+    def observe_values(self, v: torch.Tensor) -> None:
+        """V [B, H, N, D] of the attention whose P comes next (the output-error objective)."""
+        self._pending_values = v.detach()
+
+    def observe(self, x: torch.Tensor) -> None:
+        v, self._pending_values = self._pending_values, None
+        p = x.float()
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError("calibration probabilities contain NaN or Inf")
+        N = p.shape[-1]
+        heads = p.shape[-3] if p.dim() >= 3 else 1
+        p3 = p.reshape(-1, p.shape[-2], N)                       # [images * heads, Nq, N]
+        if v is not None and (v.dim() != p.dim() or v.shape[:-1] != p.shape[:-2] + (N,)):
+            v = None                                             # not the V of this P: P-error objective
+        v3 = None if v is None else v.float().reshape(-1, N, v.shape[-1])
+        # every head of a few random images (heads differ far more than images), a few random
+        # query rows per (image, head), within a per-call budget of stored values
+        rows = min(self.ROWS_PER_SLICE, p3.shape[1])
+        per_image = heads * (rows * N + (0 if v3 is None else N * v3.shape[-1]))
+        n_images = p3.shape[0] // heads
+        n_pick = max(1, min(n_images, (self.SAMPLE_CAP // 2) // per_image))
+        pick = torch.randperm(n_images, device=p.device)[:n_pick]
+        sl = (pick[:, None] * heads + torch.arange(heads, device=p.device)).reshape(-1)
+        rw = torch.rand(sl.numel(), p3.shape[1], device=p.device).argsort(dim=1)[:, :rows]
+        ps = torch.gather(p3[sl], 1, rw[:, :, None].expand(-1, -1, N)).cpu()
+        vs = None if v3 is None else v3[sl].cpu()
+        self._samples.append((ps, vs))
+        self._n_samples += ps.numel() + (0 if vs is None else vs.numel())
+        if self._n_samples > 2 * self.SAMPLE_CAP:               # keep a random half of the batches
+            keep = [s for s in self._samples if bool(torch.rand(()) < 0.5)] or self._samples[-1:]
+            self._samples = keep
+            self._n_samples = sum(a.numel() + (0 if b is None else b.numel()) for a, b in keep)
+
+    def finish_calibration(self) -> None:
+        if self.fixed_max_code is None or len(self.substeps_choices) > 1:
+            if not self._samples:
+                raise RuntimeError("truncated log2 quantizer saw no calibration data")
+            errors = tul2_search(self._samples, self.bits, self.substeps_choices, self.fixed_max_code)
+            self.search_errors = errors
+            self.objective = "output" if all(v is not None for _, v in self._samples) else "probs"
+            self.substeps, self.max_code = min(errors, key=lambda k: (errors[k], k))
+        self._samples = []
+        self._n_samples = 0
+        super().finish_calibration()
+
+    # -- forward ---------------------------------------------------------------------------
+    def fake_quant(self, x):
+        with torch.no_grad():
+            codes = ref.tul2_quantize(x, self.bits, self.substeps, self.max_code)
+            value = ref.tul2_dequantize(codes, self.bits, self.substeps, self.max_code)
+            inside = (codes.to(torch.int32) <= self.max_code).to(value.dtype)
+        xf = x.float()
+        # forward value exactly `value`; STE gradient 1 where P^ != 0 by truncation
+        out = value + (xf - xf.detach()) * inside
+        return out.to(x.dtype)
+
+    def export_params(self):
+        return {"bits": self.bits, "substeps": self.substeps, "max_code": self.max_code, "scale": 1.0,
+                "t_min": self.t_min}
+
+
+def tul2_search(samples, bits: int, substeps_choices, max_code: Optional[int] = None) -> dict:
+    """Error of every (m, c_max) on sampled attention rows, float64: {(m, c_max): error}.
+
+    samples: [(P [S, R, N], V [S, N, D] or None)].  Output objective (all samples have V):
+    sum ||(P^ - P) V||^2, from per-code partial products G_k = sum_{j: c_j = k} P^_j V_j
+    (one scatter pass per m) and their prefix sums over k.  Otherwise sum (P^ - P)^2."""
+    top = (1 << bits) - 1
+    use_v = all(v is not None for _, v in samples)
+    errors = {}
+    for m in substeps_choices:
+        cands = range(top) if max_code is None else (max_code,)
+        err = torch.zeros(top, dtype=torch.float64)
+        for p, v in samples:
+            c = ref.log_code_unclamped(p, m).clamp(min=0)
+            ok = c < top                                       # codes that can ever be kept
+            val = ref.log_decode(torch.where(ok, c, torch.zeros_like(c)), m).double()
+            val = torch.where(ok, val, torch.zeros_like(val))
+            cc = torch.where(ok, c, torch.full_like(c, top))   # bucket `top`: always zero
+            pd = p.double()
+            if use_v:
+                vd = v.double()                                # [S, N, D]
+                S, R, N = p.shape
+                D = vd.shape[-1]
+                # slices per chunk: bounded buffers for the scatter source and G (32 MiB each)
+                step = max(1, min((1 << 22) // max(R * N * D, 1), (1 << 22) // max(R * (top + 1) * D, 1)))
+                for s0 in range(0, S, step):
+                    s1 = min(S, s0 + step)
+                    exact = pd[s0:s1] @ vd[s0:s1]                                 # [s, R, D]
+                    src = val[s0:s1, :, :, None] * vd[s0:s1, None, :, :]          # [s, R, N, D]
+                    idx = cc[s0:s1, :, :, None].expand(-1, -1, -1, D)
+                    G = torch.zeros(s1 - s0, R, top + 1, D, dtype=torch.float64)
+                    G.scatter_add_(2, idx, src)
+                    out = G[:, :, :top].cumsum(dim=2)          # the output with c_max = k, k < top
+                    err += (out - exact[:, :, None, :]).pow(2).sum(dim=(0, 1, 3))
+            else:
+                a = torch.bincount(cc.reshape(-1), ((val - pd) ** 2).reshape(-1), minlength=top + 1)
+                b = torch.bincount(cc.reshape(-1), (pd ** 2).reshape(-1), minlength=top + 1)
+                total_b = b.sum()
+                err += a[:top].cumsum(0) + (total_b - b[:top].cumsum(0))
+        for k in cands:
+            errors[(m, k)] = float(err[k])
+    return errors
+
+
 class ShiftLog2Quantizer(ActQuantizer):
     """Shift-Log2 quantizer (eq. 22-24) for post-GELU activations.
 
@@ -512,6 +669,8 @@ class WeightQuantizer(nn.Module):
     Modes: ``rtn`` (round to nearest, == ``reference.quantize_weight_per_channel`` for the
     min/max init), ``soft`` (AdaRound: floor(w/s) + h(V), eq. 25), ``hard`` (the stored integer
     codes, what export packs).  Codes are kept in the signed domain (c - zc), like the spec."""
+
+    blend = None  # bit_decline.py: fn(quantizer, w, w_hat) -> w_hat mixing in another width
 
     def __init__(self, bits: int, symmetric: bool = False, init: str = "mse"):
         super().__init__()
@@ -620,7 +779,8 @@ class WeightQuantizer(nn.Module):
             w2 = w.float().reshape(w.shape[0], -1)
             qmin, qmax = self.qrange
             q = torch.clamp(round_ste(w2 / s) + zc, qmin, qmax)
-        return (s * (q - zc)).reshape(w.shape).to(w.dtype)
+        out = (s * (q - zc)).reshape(w.shape).to(w.dtype)
+        return out if self.blend is None else self.blend(self, w, out)
 
     def export_params(self) -> dict:
         """Signed int8 codes [N, K], fp32 scale [N], signed int32 zero [N] (0 when symmetric)."""

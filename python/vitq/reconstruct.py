@@ -56,6 +56,7 @@ class LossContext:
     probs_q: List[torch.Tensor]       # same, quantized model, before P's quantizer (has grad)
     step: int
     total: int
+    n_images: int = 0                 # images in the minibatch (Swin's probs have images x windows rows)
 
 
 @dataclasses.dataclass
@@ -287,7 +288,19 @@ def _extra_losses(cfg: ADFQConfig):
         if fn is None:
             raise ValueError(f"unknown MHA loss {spec!r}; registered: {sorted(MHA_LOSSES)}")
         out.append((fn, float(weight)))
+    if cfg.dhe and cfg.dhe_weight > 0:
+        from .ranking import DHERankingLoss
+        out.append((DHERankingLoss.from_config(cfg), float(cfg.dhe_weight)))
     return out
+
+
+def _step_hooks(cfg: ADFQConfig) -> list:
+    """cfg.step_hooks, plus a fresh bit-decline driver when cfg.bit_decline is set."""
+    hooks = list(cfg.step_hooks)
+    if cfg.bit_decline:
+        from .bit_decline import BitDeclineHook
+        hooks.append(BitDeclineHook(cfg.bit_decline))
+    return hooks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,9 +360,10 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
         q.drop_prob = cfg.qdrop_prob
     first = last = None
     running = None
+    hooks = _step_hooks(cfg)
     try:
         for step in range(iters):
-            for hook in cfg.step_hooks:
+            for hook in hooks:
                 hook(step, iters, unit)
             idx = torch.randint(0, n, (min(bs, n),), generator=generator)
             out_fp, probs_fp = targets.batch(idx, device)
@@ -363,7 +377,7 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
             if use_kl:
                 loss = loss + cfg.kl_weight * sum(attention_kl_loss(p, q, b) for p, q in zip(probs_fp, probs_q))
             if extras:
-                ctx = LossContext(unit, out_fp, out_q, probs_fp, probs_q, step, iters)
+                ctx = LossContext(unit, out_fp, out_q, probs_fp, probs_q, step, iters, b)
                 for fn, w in extras:
                     loss = loss + w * fn(ctx)
             beta = beta_at(step, iters, cfg)
@@ -387,6 +401,9 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
                 bar.update(1)
                 bar.set_postfix(unit=unit.name, loss=f"{running:.4g}", refresh=False)
     finally:
+        for hook in hooks:  # e.g. bit decline puts every quantizer back at its target width
+            if hasattr(hook, "end_unit"):
+                hook.end_unit(unit)
         for q in unit.act_quantizers:
             q.drop_prob = 0.0
         for p in s_params:

@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import exact
 from .config import ADFQConfig
-from .quantizers import (ActQuantizer, Log2Quantizer, ShiftLog2Quantizer, UniformActQuantizer,
-                         WeightQuantizer)
+from .quantizers import (ActQuantizer, Log2Quantizer, ShiftLog2Quantizer, TruncatedLog2Quantizer,
+                         UniformActQuantizer, WeightQuantizer)
 
 try:  # timm is optional for the quantizers, required for wrapping
     from timm.layers import Attention as TimmAttention
@@ -58,6 +59,8 @@ class QuantLinear(nn.Module):
         return f"role={self.role}, in={self.in_features}, out={self.out_features}"
 
     def forward(self, x):
+        if exact.linear_ready(self):   # evaluation: the kernels' integer arithmetic (exact.py)
+            return exact.linear(self, x)
         return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
 
@@ -79,6 +82,8 @@ class QuantConv2d(nn.Module):
         self.act_quant, self.weight_quant, self.role = act_quant, weight_quant, role
 
     def forward(self, x):
+        if exact.conv_ready(self):
+            return exact.conv(self, x)
         return F.conv2d(self.act_quant(x), self.weight_quant(self.weight), self.bias, self.stride,
                         self.padding, self.dilation, self.groups)
 
@@ -97,17 +102,23 @@ class _QuantAttentionBase(nn.Module):
         self.v_quant = UniformActQuantizer(cfg.a_bits, "tensor", init=cfg.a_init)
         if cfg.softmax_quant == "log2":
             self.p_quant = Log2Quantizer(cfg.a_bits, cfg.softmax_substeps)
+        elif cfg.softmax_quant == "tul2":
+            self.p_quant = TruncatedLog2Quantizer(cfg.a_bits)
         else:
             self.p_quant = UniformActQuantizer(cfg.a_bits, "tensor", init=cfg.a_init)
         self.record_probs = False
         self.last_probs = self.last_probs_hat = None
 
     def _attend(self, q, k, v, bias=None):
+        if exact.attention_ready(self):
+            return exact.attention(self, q, k, v, bias)
         q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
         attn = (q @ k.transpose(-2, -1)) * self.scale
         if bias is not None:
             attn = attn + bias
         probs = attn.float().softmax(dim=-1)
+        if self.p_quant.observing and hasattr(self.p_quant, "observe_values"):
+            self.p_quant.observe_values(v)          # tul2 calibrates on the output error (P^ - P) V
         p_hat = self.p_quant(probs)
         if self.record_probs:
             self.last_probs, self.last_probs_hat = probs, p_hat
@@ -191,7 +202,7 @@ def act_quantizer_for(role: str, cfg: ADFQConfig, slq_shift=None) -> ActQuantize
                                    init=cfg.a_init, capacity_factor=cfg.capacity_factor,
                                    min_capacity=cfg.min_capacity)
     if role == "fc2" and cfg.slq:
-        return ShiftLog2Quantizer(cfg.a_bits, cfg.slq_substeps, slq_shift if slq_shift is not None else cfg.slq_shift,
+        return ShiftLog2Quantizer(cfg.a_bits, cfg.slq_substeps_resolved, slq_shift if slq_shift is not None else cfg.slq_shift,
                                   cfg.slq_eps, init="minmax" if cfg.a_init == "minmax" else "mse")
     bits = {"stem": cfg.stem_bits, "head": cfg.head_bits}.get(role, cfg.a_bits)
     return UniformActQuantizer(bits, "tensor", init=cfg.a_init)
@@ -293,6 +304,7 @@ def wrap_model(model: nn.Module, cfg: ADFQConfig) -> nn.Module:
             _set_child(model, name, make_linear(m, kind, cfg))
     for p in model.parameters():
         p.requires_grad_(False)
+    exact.attach_producers(model)
     model.vitq_config = cfg
     return model
 

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import ACT_BITS, container_bits
+
 # Largest finite fp32; |x| <= FP32_MAX is false for NaN and +-Inf, so it tests finiteness
 # without relying on x - x == 0 (which fast-math could fold away).
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -37,9 +39,18 @@ def nibbles_to_int8(packed):
 
 @triton.jit
 def int_pairs_to_nibbles(codes, ROWS: tl.constexpr, PAIRS: tl.constexpr):
-    """int32 codes [ROWS, 2*PAIRS] in [-8, 7] -> uint8 [ROWS, PAIRS], element 2j low."""
+    """int32 codes [ROWS, 2*PAIRS] in [-8, 7] (3- or 4-bit) -> uint8 [ROWS, PAIRS], element 2j low."""
     lo, hi = tl.split(tl.reshape(codes, [ROWS, PAIRS, 2]))
     return ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+
+
+def code_container(op: str, what: str, bits: int) -> int:
+    """Checks a uniform code width (reference.ACT_BITS) and returns its storage container:
+    4 (packed, two codes per byte: 3- and 4-bit codes) or 8 (int8).  GEMM kernels are
+    specialised on the container only, so 3-bit codes run the int4 variants unchanged."""
+    if bits not in ACT_BITS:
+        raise ValueError(f"{op}: {what} must be one of {ACT_BITS}, got {bits}")
+    return container_bits(bits)
 
 
 def is_interpreted(kernel) -> bool:

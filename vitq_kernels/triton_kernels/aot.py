@@ -63,13 +63,15 @@ def pack_sources():
         {"BLOCK": PACK_BLOCK}, ("packed_ptr", "codes_ptr", "n_bytes")), {"num_warps": 4}
 
 
-def quantize_sources(x_type="*fp32", K=768):
+def quantize_sources(x_type="*fp32", K=768, bit_widths=(8, 4)):
+    """3-bit codes are a BITS=3 variant of the same kernel (levels 7, zero offset 4, packed
+    like 4 bit); the GEMMs have no 3-bit variant (they take the int4 container)."""
     from .quantize import _blocks
     block_m, block_k, warps = _blocks(K, interpreted=False)
     ptrs = {"x_ptr": x_type, "scale_in_ptr": "*fp32", "zero_in_ptr": "*i32", "scale_ptr": "*fp32",
             "zero_ptr": "*i32", "rowsum_ptr": "*i32", "oidx_ptr": "*i32", "oval_ptr": "*fp32",
             "ocount_ptr": "*i32", "status_ptr": "*i32"}
-    for bits in (8, 4):
+    for bits in bit_widths:
         for static in (False, True):
             for outliers in (False, True):
                 types = _ptrs_and(ptrs, ints=("stride_xm", "T", "M", "K", "C"), floats=("threshold",))
@@ -149,7 +151,7 @@ def summarize(name, compiled, arch=90, with_ptxas=False) -> dict:
 
 def all_sources(all_configs=False):
     yield from pack_sources()
-    yield from quantize_sources()
+    yield from quantize_sources(bit_widths=(8, 4, 3))
     yield from quantize_sources("*bf16", K=3072)
     yield from qgemm_sources(all_configs)
     yield from qgemm_sources(False, [(8, 8, True, True, True)], "*bf16")

@@ -27,7 +27,8 @@ SQ = importlib.import_module(".shiftlog2_qgemm", __package__)
 
 def layernorm_sources(variants=None):
     """(K, bits, static, outliers) variants."""
-    variants = variants or [(768, 8, False, False), (384, 4, False, True), (768, 4, True, True)]
+    variants = variants or [(768, 8, False, False), (384, 4, False, True), (768, 4, True, True),
+                            (384, 3, False, True)]
     for K, bits, static, outliers in variants:
         block_m, block_k, warps = LN._blocks(K, interpreted=False)
         types = {"x_ptr": "*fp16", "stride_xm": "i32", "w_ptr": "*fp32", "b_ptr": "*fp32", "eps": "fp32",
@@ -67,7 +68,8 @@ def encode_sources(all_configs=False, variants=None):
 
 def decode_sources(all_configs=False, variants=None):
     """(bits, substeps, w_bits, w_zero) variants x the autotune configs of their plane count."""
-    variants = variants or [(4, 0, 8, True), (4, 1, 4, False), (4, 2, 8, True), (8, 0, 8, True)]
+    # (3, 0, 4, False): 3-bit Shift-Log2 codes (W3A3's fc2 input; w_bits 3 is the int4 container)
+    variants = variants or [(4, 0, 8, True), (4, 1, 4, False), (4, 2, 8, True), (8, 0, 8, True), (3, 0, 4, False)]
     for bits, substeps, w_bits, w_zero in variants:
         planes, groups = SQ.plan(bits, substeps)
         configs = {"float": SQ.CONFIGS_FLOAT, "planes<=2": SQ.CONFIGS_2_PLANES,

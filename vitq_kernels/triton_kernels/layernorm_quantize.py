@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FP32_MAX, check_device, int_pairs_to_nibbles, is_interpreted, round_half_even
+from ._utils import FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, round_half_even
 
 # status word bits (globals read by a kernel must be tl.constexpr)
 X_NONFINITE, BAD_SCALE, BAD_ZERO, Y_NONFINITE = 1, 2, 4, 8
@@ -153,8 +153,7 @@ def layernorm_quantize(x, weight, bias, eps, bits, scale=None, zero=None, outlie
     x: fp16/bf16/fp32 [M, K], any strides; weight, bias: float [K].  One small sync (module doc).
     """
     op = "layernorm_quantize"
-    if bits not in (4, 8):
-        raise ValueError(f"{op}: bits must be one of (4, 8), got {bits}")
+    packed = code_container(op, "bits", bits) == 4     # 3-bit codes are packed like 4-bit
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{op}: x must be a 2-D tensor [M, K], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -168,8 +167,8 @@ def layernorm_quantize(x, weight, bias, eps, bits, scale=None, zero=None, outlie
             raise ValueError(f"{op}: {name} must have shape [{K}], got {tuple(t.shape)}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"{op}: eps must be finite and > 0, got {eps}")
-    if bits == 4 and K % 2:
-        raise ValueError(f"{op}: 4-bit codes are packed in pairs along K; K={K} is odd")
+    if packed and K % 2:
+        raise ValueError(f"{op}: {bits}-bit codes are packed in pairs along K; K={K} is odd")
     if K > MAX_K:
         raise ValueError(f"{op}: K={K} > {MAX_K}: the Triton kernel keeps a whole row in registers")
     if max_outliers < 0:
@@ -193,7 +192,7 @@ def layernorm_quantize(x, weight, bias, eps, bits, scale=None, zero=None, outlie
     device = check_device(_layernorm_quantize_kernel, op, x=x, weight=weight, bias=bias, scale=scale, zero=zero)
 
     C = int(max_outliers)
-    codes = torch.empty((M, K // 2) if bits == 4 else (M, K), dtype=torch.uint8 if bits == 4 else torch.int8,
+    codes = torch.empty((M, K // 2) if packed else (M, K), dtype=torch.uint8 if packed else torch.int8,
                         device=device)
     s_out = torch.empty(M, dtype=torch.float32, device=device)
     z_out = torch.empty(M, dtype=torch.int32, device=device)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device, check_dtype, check_vector, is_interpreted, nibbles_to_int8
+from ._utils import check_device, check_dtype, check_vector, code_container, is_interpreted, nibbles_to_int8
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -161,20 +161,20 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(op, name, t, bits):
-    if bits not in (4, 8):
-        raise ValueError(f"{op}: {name.split()[0]}_bits must be one of (4, 8), got {bits}")
+    """(K, container) of a code matrix: int8 [R, K], or packed uint8 [R, K/2] for 3/4-bit codes."""
+    container = code_container(op, f"{name.split()[0]}_bits", bits)
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise ValueError(f"{op}: {name} must be a 2-D tensor")
-    check_dtype(op, f"{name} ({bits}-bit codes)", t, (torch.int8,) if bits == 8 else (torch.uint8,))
-    return t.shape[1] * (2 if bits == 4 else 1)
+    check_dtype(op, f"{name} ({bits}-bit codes)", t, (torch.uint8,) if container == 4 else (torch.int8,))
+    return t.shape[1] * (2 if container == 4 else 1), container
 
 
 def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None, outlier_idx=None,
           outlier_val=None, a_bits=8, w_bits=8, out_dtype=torch.float16):
     """Triton version of reference.qgemm.  a, w: any strides; no host sync."""
     op = "qgemm"
-    K = _codes(op, "a codes", a, a_bits)
-    Kw = _codes(op, "w codes", w, w_bits)
+    K, a_container = _codes(op, "a codes", a, a_bits)
+    Kw, w_container = _codes(op, "w codes", w, w_bits)
     if K != Kw:
         raise ValueError(f"{op}: K mismatch: activations have {K}, weights {Kw}")
     if K > MAX_K:
@@ -219,7 +219,8 @@ def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None,
             _nonempty(outlier_idx) if C else dummy, _nonempty(outlier_val) if C else dummy, y,
             M, N, K, C, triton.next_power_of_2(M),
             a.stride(0), a.stride(1), w.stride(0), w.stride(1), y.stride(0))
-    flags = dict(A_BITS=a_bits, W_BITS=w_bits, HAS_W_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
+    # specialised on the container, not the width: 3-bit codes run the int4 kernel (no new GEMM)
+    flags = dict(A_BITS=a_container, W_BITS=w_container, HAS_W_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
                  HAS_OUTLIERS=C > 0)
     if is_interpreted(_qgemm_kernel):
         cfg = INTERPRETER_CONFIG

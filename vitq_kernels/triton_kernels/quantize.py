@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FP32_MAX, check_device, int_pairs_to_nibbles, is_interpreted, round_half_even
+from ._utils import FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, round_half_even
 
 # status[0] bits (constexpr so that the kernel may read them)
 _NONFINITE = tl.constexpr(1)
@@ -148,16 +148,15 @@ def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, m
     x: fp16/bf16/fp32/fp64 [M, K], any strides.  Costs one small sync (see module doc).
     """
     op = "per_token_quantize"
-    if bits not in (4, 8):
-        raise ValueError(f"{op}: bits must be one of (4, 8), got {bits}")
+    packed = code_container(op, "bits", bits) == 4     # 3-bit codes are packed like 4-bit
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{op}: x must be a 2-D tensor [M, K], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be a float tensor, got {x.dtype}")
     M, K = x.shape
-    if bits == 4 and K % 2:
-        raise ValueError(f"{op}: 4-bit codes are packed in pairs along K; K={K} is odd")
+    if packed and K % 2:
+        raise ValueError(f"{op}: {bits}-bit codes are packed in pairs along K; K={K} is odd")
     if max_outliers < 0:
         raise ValueError(f"{op}: max_outliers must be >= 0, got {max_outliers}")
     if outlier_threshold is None and max_outliers != 0:
@@ -178,7 +177,7 @@ def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, m
     device = check_device(_per_token_quantize_kernel, op, x=x, scale=scale, zero=zero)
 
     C = int(max_outliers)
-    codes = torch.empty((M, K // 2) if bits == 4 else (M, K), dtype=torch.uint8 if bits == 4 else torch.int8,
+    codes = torch.empty((M, K // 2) if packed else (M, K), dtype=torch.uint8 if packed else torch.int8,
                         device=device)
     s_out = torch.empty(M, dtype=torch.float32, device=device)
     z_out = torch.empty(M, dtype=torch.int32, device=device)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._utils import check_device, check_dtype, check_vector, is_interpreted, nibbles_to_int8
+from ._utils import check_device, check_dtype, check_vector, code_container, is_interpreted, nibbles_to_int8
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # |sum_k (a - za)(w - zw)| <= K * 255 * 255 < 2^31 holds for K <= 32768
@@ -185,13 +185,12 @@ def check_log_args(op: str, bits: int, substeps: int) -> None:
 
 
 def code_width(op: str, name: str, t, bits: int) -> int:
-    """K of a code matrix: int8 [R, K] (8 bit) or packed uint8 [R, K/2] (4 bit)."""
-    if bits not in (4, 8):
-        raise ValueError(f"{op}: {name}_bits must be one of (4, 8), got {bits}")
+    """K of a code matrix: int8 [R, K] (8 bit) or packed uint8 [R, K/2] (3 or 4 bit)."""
+    packed = code_container(op, f"{name}_bits", bits) == 4
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise ValueError(f"{op}: {name} must be a 2-D tensor")
-    check_dtype(op, f"{name} ({bits}-bit codes)", t, (torch.int8,) if bits == 8 else (torch.uint8,))
-    return t.shape[1] * (2 if bits == 4 else 1)
+    check_dtype(op, f"{name} ({bits}-bit codes)", t, (torch.uint8,) if packed else (torch.int8,))
+    return t.shape[1] * (2 if packed else 1)
 
 
 def qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None, outlier_idx=None,
@@ -246,8 +245,9 @@ def qgemm_gelu_shiftlog2(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_col
             _nonempty(outlier_idx) if C else absent, _nonempty(outlier_val) if C else absent, codes,
             M, N, K, C, triton.next_power_of_2(M), float(shift), scale32,
             a.stride(0), a.stride(1), w.stride(0), w.stride(1), codes.stride(0))
-    flags = dict(A_BITS=a_bits, W_BITS=w_bits, HAS_W_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
-                 HAS_OUTLIERS=C > 0, SUBSTEPS=substeps, TOP=(1 << out_bits) - 1, **log2_code_constants(substeps))
+    # the kernel is specialised on the code container: 3-bit codes run the int4 variant
+    flags = dict(A_BITS=reference.container_bits(a_bits), W_BITS=reference.container_bits(w_bits),
+                 HAS_W_ZERO=w_zero is not None, HAS_BIAS=bias is not None, HAS_OUTLIERS=C > 0, SUBSTEPS=substeps, TOP=(1 << out_bits) - 1, **log2_code_constants(substeps))
     if is_interpreted(_qgemm_gelu_shiftlog2_kernel):
         cfg = INTERPRETER_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)

@@ -264,7 +264,7 @@ def shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero=None, b
             w_zero if w_zero is not None else absent, bias if bias is not None else absent, y,
             M, N, K, triton.next_power_of_2(M),
             codes.stride(0), codes.stride(1), w.stride(0), w.stride(1), y.stride(0))
-    flags = dict(BITS=bits, SUBSTEPS=substeps, W_BITS=w_bits, HAS_W_ZERO=w_zero is not None,
+    flags = dict(BITS=bits, SUBSTEPS=substeps, W_BITS=reference.container_bits(w_bits), HAS_W_ZERO=w_zero is not None,
                  HAS_BIAS=bias is not None, PLANES=planes, GROUPS=max(groups, 1),
                  M1=mants[1], M2=mants[2], M3=mants[3], UNIT=2.0 ** (-8 * (max(groups, 1) - 1) - 7))
     if is_interpreted(_shiftlog2_qgemm_kernel):

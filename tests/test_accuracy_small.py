@@ -1,0 +1,45 @@
+"""The small accuracy check CI runs on the real model (DINOv2-S/14 + Fashion-MNIST probe, 112 px):
+W8A8 with the full method within 1 point of fp, and W4A4 with everything on better than W4A4 with
+everything off.  `fast` preset with 20 iterations per module to keep CI in minutes; the full tables
+are bench/accuracy.py's (bench/results/accuracy_*.md)."""
+import pytest
+import torch
+
+import vitq
+from vitq import data, models
+
+N_TEST = 300
+ITERS = 20
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    fp = models.load_default_model(img_size=112)
+    calib, _ = data.calibration_batch(data.fashion_mnist("train", model=fp), 64, seed=0)
+    test = data.fashion_mnist("test", n=N_TEST, model=fp)
+    return fp, calib, test
+
+
+def _top1(model, fp, test):
+    return vitq.evaluate(model, test, fp_model=fp, progress=False)
+
+
+def test_w8a8_full_method_within_one_point_of_fp(setup):
+    fp, calib, test = setup
+    q = vitq.quantize(fp, vitq.ADFQConfig(w_bits=8, a_bits=8, preset="fast", iters=ITERS, progress=False), calib)
+    r = _top1(q, fp, test)
+    assert r["n"] == N_TEST
+    assert r["top1"] >= r["fp_top1"] - 1.0, r
+    assert r["agreement"] >= 95.0, r
+
+
+def test_w4a4_all_components_beat_none(setup):
+    fp, calib, test = setup
+    on = vitq.quantize(fp, vitq.ADFQConfig(w_bits=4, a_bits=4, preset="fast", iters=ITERS, progress=False), calib)
+    off = vitq.quantize(fp, vitq.ADFQConfig(w_bits=4, a_bits=4, poq=False, slq=False, amo=False, progress=False),
+                        calib)
+    r_on, r_off = _top1(on, fp, test), _top1(off, fp, test)
+    # 300 images: one image is 0.33 points; ask for a clear margin, not a tie
+    assert r_on["top1"] >= r_off["top1"] + 5.0, (r_on, r_off)
+    assert r_on["agreement"] > r_off["agreement"], (r_on, r_off)
