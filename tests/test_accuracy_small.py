@@ -1,12 +1,18 @@
 """The small accuracy check CI runs on the real model (DINOv2-S/14 + Fashion-MNIST probe, 112 px):
 W8A8 with the full method within 1 point of fp, and W4A4 with everything on better than W4A4 with
-everything off.  `fast` preset with 20 iterations per module to keep CI in minutes; the full tables
-are bench/accuracy.py's (bench/results/accuracy_*.md)."""
+everything off.  Accuracy is that of the exported model on the C++ kernels (bit-identical to the
+fake-quant model's integer path, and ~8x faster to evaluate on CPU).
+
+W8A8 uses the `fast` preset as it is (80 iterations per module): measured on these 300 images,
+20 iterations gave 86.33% against fp 88.00% (agreement 97.3%), 80 iterations 87.67% (97.7%), so
+the short schedule is not the method.  The W4A4 on/off comparison keeps 20 iterations, its
+margin is wide.  The full tables are bench/accuracy.py's (bench/results/accuracy_*.md)."""
 import pytest
 import torch
 
 import vitq
 from vitq import data, models
+from vitq.export import export
 
 N_TEST = 300
 ITERS = 20
@@ -21,13 +27,13 @@ def setup():
     return fp, calib, test
 
 
-def _top1(model, fp, test):
-    return vitq.evaluate(model, test, fp_model=fp, progress=False)
+def _top1(qmodel, fp, test):
+    return vitq.evaluate(export(qmodel), test, fp_model=fp, progress=False)
 
 
 def test_w8a8_full_method_within_one_point_of_fp(setup):
     fp, calib, test = setup
-    q = vitq.quantize(fp, vitq.ADFQConfig(w_bits=8, a_bits=8, preset="fast", iters=ITERS, progress=False), calib)
+    q = vitq.quantize(fp, vitq.ADFQConfig(w_bits=8, a_bits=8, preset="fast", progress=False), calib)
     r = _top1(q, fp, test)
     assert r["n"] == N_TEST
     assert r["top1"] >= r["fp_top1"] - 1.0, r

@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-test", type=int, default=300)
     d.add_argument("--preset", default=None, choices=("fast", "paper"), help="default: paper on GPU, fast on CPU")
     d.add_argument("--device", default=None)
+    d.add_argument("--n-calib", type=int, default=64, help="calibration images (the paper preset uses 1024)")
+    d.add_argument("--iters", type=int, default=None, help="reconstruction iterations per module (default: preset)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
     x = sub.add_parser("export", help="turn a saved fake-quant model into a deploy artifact on torch.ops.vitq")
     x.add_argument("--quantized", required=True, help="folder written by `vitq quantize --out`")
@@ -310,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_demo(args) -> dict:
     from .demo import run_demo
-    return run_demo(args.out, n_test=args.n_test, preset=args.preset, device=args.device)
+    return run_demo(args.out, n_test=args.n_test, n_calib=args.n_calib, preset=args.preset, device=args.device,
+                    progress=not args.quiet, iters=args.iters)
 
 
 def cmd_export(args) -> dict:

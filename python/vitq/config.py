@@ -14,21 +14,29 @@ PRESETS = {
 }
 
 
-# Octaves of the paper's 4-bit base-2 Shift-Log2 quantizer: 2^4 codes, one octave apart.
-SLQ_OCTAVES = 15
+def log_substeps_for(levels: int, octaves: int) -> int:
+    """The finest log base 2^(1/2^m), m <= 2, whose ``levels`` codes still span ``octaves``."""
+    m = 0
+    while m < 2 and levels / (1 << (m + 1)) >= octaves:
+        m += 1
+    return m
 
 
 def slq_substeps_for(bits: int) -> int:
-    """'auto' Shift-Log2 base: the finest 2^(1/2^m), m <= 2, whose 2^b codes still span the
-    SLQ_OCTAVES octaves of the paper's 4-bit base-2 quantizer.  At <= 4 bits that is base 2
-    (the paper); at 8 bits base 2^(1/4).  A log quantizer's relative step is fixed by its base,
-    not by its width, so base 2 at 8 bits spends 240 codes on octaves below 2^-15 and keeps a
-    41% worst-case error on the large values: measured on DINOv2-S W8A8 (no AMO, 96 images),
-    logit cosine to fp 0.964 with base 2 against 0.991 with 2^(1/4) (0.992 with SLQ off)."""
-    m = 0
-    while m < 2 and ((1 << bits) - 1) / (1 << (m + 1)) >= SLQ_OCTAVES:
-        m += 1
-    return m
+    """'auto' Shift-Log2 base: the finest one whose 2^b codes span the 15 octaves of the paper's
+    4-bit base-2 quantizer, so base 2 at <= 4 bits (the paper) and 2^(1/4) from 6 bits on.  A log
+    quantizer's relative step is fixed by its base, not its width: base 2 at 8 bits spends 240
+    codes below 2^-15 and keeps a 41% worst-case error on the large values.  Measured on DINOv2-S
+    W8A8 (no AMO, 96 images): logit cosine to fp 0.964 with base 2, 0.991 with 2^(1/4), 0.992
+    with SLQ off."""
+    return log_substeps_for((1 << bits) - 1, 15)
+
+
+def softmax_substeps_for(bits: int) -> int:
+    """'auto' post-softmax log2 base, by the same rule: the 2^b - 2 nonzero codes span the 14
+    octaves of the paper's 4-bit base-2 quantizer (the top code is 0).  Measured on DINOv2-S W8A8
+    (as above, with SLQ auto): logit cosine to fp 0.991 with base 2, 0.997 with 2^(1/4)."""
+    return log_substeps_for((1 << bits) - 2, 14)
 
 
 @dataclass
@@ -67,7 +75,8 @@ class ADFQConfig:
     softmax_quant: str = "log2"             # 'log2' | 'uniform' (the plain baseline) | 'tul2' (TP-ViT's
                                             # truncated uniform-log2: substeps m in {0,1,2} and truncation
                                             # calibrated per attention module, docs/tp_vit.md)
-    softmax_substeps: int = 0               # m of 'log2' ('tul2' searches m itself)
+    softmax_substeps: Union[int, str] = "auto"  # m of 'log2' ('tul2' searches m itself); 'auto':
+                                            # softmax_substeps_for(a_bits) (base 2 at <= 4 bits)
 
     # exact fp-equivalent rewrite: subtract each key channel's calibration midpoint (transforms.py)
     center_keys: bool = True
@@ -129,7 +138,7 @@ class ADFQConfig:
         _choice("w_init", self.w_init, ("minmax", "mse"))
         _choice("a_init", self.a_init, INIT_METHODS)
         _choice("slq_substeps", self.slq_substeps, (0, 1, 2, "auto"))
-        _choice("softmax_substeps", self.softmax_substeps, (0, 1, 2))
+        _choice("softmax_substeps", self.softmax_substeps, (0, 1, 2, "auto"))
         for name in ("alpha_qkv", "alpha_fc1"):
             a = getattr(self, name)
             if a is not None and not (isinstance(a, (int, float)) and a > 0):
@@ -174,6 +183,10 @@ class ADFQConfig:
     @property
     def slq_substeps_resolved(self) -> int:
         return slq_substeps_for(self.a_bits) if self.slq_substeps == "auto" else int(self.slq_substeps)
+
+    @property
+    def softmax_substeps_resolved(self) -> int:
+        return softmax_substeps_for(self.a_bits) if self.softmax_substeps == "auto" else int(self.softmax_substeps)
 
     @property
     def exportable(self) -> bool:

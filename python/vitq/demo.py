@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .api import evaluate, iter_batches, quantize
+from .api import _bar, iter_batches, quantize
 from .config import ADFQConfig
 from .data import calibration_batch, fashion_mnist
 from .export import export, save, size_report, skeleton_of
@@ -64,8 +64,24 @@ def _histograms(fp_model, images, path: Path, sqnr: dict):
     plt.close(fig)
 
 
+def _predictions(models: dict, data, dev, progress: bool) -> dict:
+    """Top-1 predictions of each model on the same batches (one pass over the data)."""
+    out = {k: [] for k in models}
+    out["label"] = []
+    bar = _bar(progress, total=len(data), desc="evaluating fp / fake-quant / kernels", unit="img")
+    for x, y in iter_batches(data, 32):
+        for k, m in models.items():
+            out[k].append(m(x.to(dev)).argmax(-1).cpu())
+        out["label"].append(y)
+        if bar:
+            bar.update(x.shape[0])
+    if bar:
+        bar.close()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
 def run_demo(out_dir="out/demo", n_test: int = 300, n_calib: int = 64, preset: str | None = None,
-             device: str | None = None, progress: bool = True) -> dict:
+             device: str | None = None, progress: bool = True, iters: int | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -77,7 +93,7 @@ def run_demo(out_dir="out/demo", n_test: int = 300, n_calib: int = 64, preset: s
     test = fashion_mnist("test", n=n_test, model=fp)
     print(f"[2/5] ADFQ-ViT W4A4 calibration, preset {preset!r}, {calib.shape[0]} images")
     t0 = time.perf_counter()
-    cfg = ADFQConfig(w_bits=4, a_bits=4, preset=preset, progress=progress, device=dev.type)
+    cfg = ADFQConfig(w_bits=4, a_bits=4, preset=preset, progress=progress, device=dev.type, iters=iters)
     qm = quantize(fp, cfg, calib)
     t_cal = time.perf_counter() - t0
     print("[3/5] export to torch.ops.vitq")
@@ -88,9 +104,12 @@ def run_demo(out_dir="out/demo", n_test: int = 300, n_calib: int = 64, preset: s
     kernels = "C++ CPU kernels" if dev.type == "cpu" else f"{get_backend()} CUDA kernels"
     print(f"[4/5] evaluating on {len(test)} Fashion-MNIST test images ({kernels})")
     with torch.no_grad():
-        r_fq = evaluate(qm, test, fp_model=fp, progress=progress)
-        r_dep = evaluate(dep, test, fp_model=fp, progress=progress)
-        agree_dep_fq = evaluate(dep, test, fp_model=qm, progress=progress)["agreement"]
+        preds = _predictions({"fp": fp, "fq": qm, "dep": dep}, test, dev, progress)
+        top1 = {k: 100.0 * float((v == preds["label"]).float().mean()) for k, v in preds.items() if k != "label"}
+        agree = {k: 100.0 * float((preds[k] == preds["fp"]).float().mean()) for k in ("fq", "dep")}
+        r_fq = {"fp_top1": top1["fp"], "top1": top1["fq"], "agreement": agree["fq"]}
+        r_dep = {"top1": top1["dep"], "agreement": agree["dep"]}
+        agree_dep_fq = 100.0 * float((preds["dep"] == preds["fq"]).float().mean())
         xb = next(iter_batches(test, 32))[0].to(dev)
         feats = (fp.features(xb), qm.features(xb), dep.features(xb))
     cos = torch.nn.functional.cosine_similarity(feats[1].flatten(1), feats[2].flatten(1)).min().item()

@@ -101,7 +101,7 @@ class _QuantAttentionBase(nn.Module):
         self.k_quant = UniformActQuantizer(cfg.a_bits, "tensor", init=cfg.a_init)
         self.v_quant = UniformActQuantizer(cfg.a_bits, "tensor", init=cfg.a_init)
         if cfg.softmax_quant == "log2":
-            self.p_quant = Log2Quantizer(cfg.a_bits, cfg.softmax_substeps)
+            self.p_quant = Log2Quantizer(cfg.a_bits, cfg.softmax_substeps_resolved)
         elif cfg.softmax_quant == "tul2":
             self.p_quant = TruncatedLog2Quantizer(cfg.a_bits)
         else:
