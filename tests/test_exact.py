@@ -96,3 +96,21 @@ def test_emulation_switch_and_gradients():
         assert exact.active()
     with torch.enable_grad():
         assert not exact.active()
+
+
+@pytest.mark.parametrize("softmax_quant", ["log2", "uniform"])
+def test_attention_takes_the_kernel_path_only_for_log2_probabilities(softmax_quant):
+    # the attention kernel decodes log2 codes; a uniform post-softmax quantizer (the plain
+    # baseline) stays emulated in evaluation, and the model still runs without gradients
+    timm = pytest.importorskip("timm")
+    import vitq
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                           num_classes=5).eval()
+    x = torch.randn(4, 3, 32, 32)
+    qm = vitq.quantize(fp, vitq.ADFQConfig(w_bits=8, a_bits=8, amo=False, softmax_quant=softmax_quant,
+                                           calib_images=4, progress=False), x)
+    attn = qm.blocks[0].attn
+    with torch.no_grad():
+        assert exact.attention_ready(attn) is (softmax_quant == "log2")
+        y = qm(x)
+    assert y.shape == (4, 5) and torch.isfinite(y).all()

@@ -267,10 +267,9 @@ def attention_ready(attn) -> bool:
                for q in (attn.q_quant, attn.k_quant, attn.v_quant)):
         return False
     p = attn.p_quant
-    if not hasattr(p, "substeps"):   # softmax_quant="uniform": emulation only, no attention kernel
-        return False
-    return (act_ready(p) and p.bits <= 8 and p.substeps in ref.ATTN_SUBSTEPS and float(p.scale.reshape(-1)[0]) == 1.0
-            and _p_max_code(p) is not None)
+    # _p_max_code first: it is None for quantizers the kernel does not run (softmax_quant='uniform')
+    return (_p_max_code(p) is not None and act_ready(p) and p.bits <= 8 and p.substeps in ref.ATTN_SUBSTEPS
+            and float(p.scale.reshape(-1)[0]) == 1.0)
 
 
 def _tensor_ints(q: UniformActQuantizer, x: torch.Tensor):
