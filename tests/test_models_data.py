@@ -345,3 +345,29 @@ def test_checkpoint_for_another_model(tmp_path):
     torch.save(models.create_model("vit_tiny_patch16_224", img_size=32, depth=1).state_dict(), tmp_path / "w.pt")
     with pytest.raises(RuntimeError, match="does not fit timm model"):
         models.create_model("vit_small_patch16_224", checkpoint=tmp_path / "w.pt", img_size=32, depth=1)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 70), batch=st.integers(1, 33), labelled=st.booleans())
+def test_predictions_and_evaluate_count_every_image_once(n, batch, labelled):
+    import vitq
+    from vitq.api import predictions
+    g = torch.Generator().manual_seed(n * 100 + batch)
+    m1 = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    m2 = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(n, 3, 2, 2, generator=g), torch.randint(0, 4, (n,), generator=g)
+    with torch.no_grad():
+        p1, p2 = m1(x).argmax(-1), m2(x).argmax(-1)
+    got = predictions({"a": m1, "b": m2}, (x, y) if labelled else x, batch_size=batch)
+    assert torch.equal(got["a"], p1) and torch.equal(got["b"], p2)
+    assert torch.equal(got["label"], y) if labelled else got["label"] is None
+    r = vitq.evaluate(m1, (x, y) if labelled else x, fp_model=m2, batch_size=batch, progress=False)
+    assert r["n"] == n
+    assert r["agreement"] == pytest.approx(100.0 * float((p1 == p2).float().mean()))
+    if labelled:
+        assert r["top1"] == pytest.approx(100.0 * float((p1 == y).float().mean()))
+        assert r["fp_top1"] == pytest.approx(100.0 * float((p2 == y).float().mean()))
+    else:
+        assert r["top1"] is None and r["fp_top1"] is None
+    with pytest.raises(ValueError, match="empty"):
+        vitq.evaluate(m1, x[:0], progress=False)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -187,44 +188,55 @@ def _bar(enabled: bool, **kw):
 # evaluate
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, data, fp_model: Optional[nn.Module] = None, batch_size: int = 32,
-             max_images: Optional[int] = None, progress: bool = True, device=None) -> dict:
-    """Top-1 accuracy (%) of ``model`` on labelled ``data``; with ``fp_model``, also the fp model's
-    top-1 and the top-1 agreement (% of images where both predict the same class)."""
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    fp_dev = None
-    if fp_model is not None:
-        fp_model.eval()
-        fp_dev = next(fp_model.parameters()).device
-    n = correct = fp_correct = agree = 0
-    labelled = True
-    bar = _bar(progress, total=max_images or (len(data) if hasattr(data, "__len__") and not isinstance(data, torch.Tensor) else None),
-               desc="evaluating", unit="img")
+def predictions(models: Dict[str, nn.Module], data, batch_size: int = 32, max_images: Optional[int] = None,
+                progress: bool = False, desc: str = "evaluating") -> Dict[str, Optional[torch.Tensor]]:
+    """Top-1 class of every image for each of ``models`` (name -> model, each on its own device),
+    in one pass over ``data``; ``"label"`` holds the labels (None if the data has none)."""
+    devs = {k: _model_device(m) for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    out: Dict[str, list] = {k: [] for k in models}
+    labels: list = []
+    total = max_images or (len(data) if hasattr(data, "__len__") and not isinstance(data, torch.Tensor) else None)
+    bar = _bar(progress, total=total, desc=desc, unit="img")
     try:
         for x, y in iter_batches(data, batch_size, limit=max_images):
-            pred = model(x.to(dev)).argmax(dim=-1).cpu()
-            n += x.shape[0]
-            if y is None:
-                labelled = False
-            else:
-                correct += int((pred == y.cpu()).sum())
-            if fp_model is not None:
-                fp_pred = fp_model(x.to(fp_dev)).argmax(dim=-1).cpu()
-                agree += int((pred == fp_pred).sum())
-                if y is not None:
-                    fp_correct += int((fp_pred == y.cpu()).sum())
+            for k, m in models.items():
+                out[k].append(m(x.to(devs[k])).argmax(dim=-1).cpu())
+            labels.append(y)
             if bar:
                 bar.update(x.shape[0])
     finally:
         if bar:
             bar.close()
-    if n == 0:
+    if not labels:
         raise ValueError("the evaluation data is empty")
-    out = {"n": n, "top1": 100.0 * correct / n if labelled else None}
+    res: Dict[str, Optional[torch.Tensor]] = {k: torch.cat(v) for k, v in out.items()}
+    res["label"] = None if any(y is None for y in labels) else torch.cat([y.cpu() for y in labels])
+    return res
+
+
+def _model_device(m: nn.Module) -> torch.device:
+    t = next(itertools.chain(m.parameters(), m.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def top1(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    """Share (%) of ``pred`` equal to ``ref`` (labels: accuracy; another model: agreement)."""
+    return 100.0 * float((pred == ref).float().mean())
+
+
+def evaluate(model: nn.Module, data, fp_model: Optional[nn.Module] = None, batch_size: int = 32,
+             max_images: Optional[int] = None, progress: bool = True) -> dict:
+    """Top-1 accuracy (%) of ``model`` on labelled ``data``; with ``fp_model``, also the fp model's
+    top-1 and the top-1 agreement (% of images where both predict the same class)."""
+    models = {"q": model} if fp_model is None else {"q": model, "fp": fp_model}
+    p = predictions(models, data, batch_size, max_images, progress)
+    y = p["label"]
+    out = {"n": int(p["q"].numel()), "top1": None if y is None else top1(p["q"], y)}
     if fp_model is not None:
-        out["fp_top1"] = 100.0 * fp_correct / n if labelled else None
-        out["agreement"] = 100.0 * agree / n
+        out["fp_top1"] = None if y is None else top1(p["fp"], y)
+        out["agreement"] = top1(p["q"], p["fp"])
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .api import _bar, iter_batches, quantize
+from .api import iter_batches, predictions, quantize
 from .config import ADFQConfig
 from .data import calibration_batch, fashion_mnist
 from .export import export, save, size_report, skeleton_of
@@ -64,22 +64,6 @@ def _histograms(fp_model, images, path: Path, sqnr: dict):
     plt.close(fig)
 
 
-def _predictions(models: dict, data, dev, progress: bool) -> dict:
-    """Top-1 predictions of each model on the same batches (one pass over the data)."""
-    out = {k: [] for k in models}
-    out["label"] = []
-    bar = _bar(progress, total=len(data), desc="evaluating fp / fake-quant / kernels", unit="img")
-    for x, y in iter_batches(data, 32):
-        for k, m in models.items():
-            out[k].append(m(x.to(dev)).argmax(-1).cpu())
-        out["label"].append(y)
-        if bar:
-            bar.update(x.shape[0])
-    if bar:
-        bar.close()
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
 def run_demo(out_dir="out/demo", n_test: int = 300, n_calib: int = 64, preset: str | None = None,
              device: str | None = None, progress: bool = True, iters: int | None = None) -> dict:
     out = Path(out_dir)
@@ -104,7 +88,8 @@ def run_demo(out_dir="out/demo", n_test: int = 300, n_calib: int = 64, preset: s
     kernels = "C++ CPU kernels" if dev.type == "cpu" else f"{get_backend()} CUDA kernels"
     print(f"[4/5] evaluating on {len(test)} Fashion-MNIST test images ({kernels})")
     with torch.no_grad():
-        preds = _predictions({"fp": fp, "fq": qm, "dep": dep}, test, dev, progress)
+        preds = predictions({"fp": fp, "fq": qm, "dep": dep}, test, progress=progress,
+                            desc="evaluating fp / fake-quant / kernels")
         top1 = {k: 100.0 * float((v == preds["label"]).float().mean()) for k, v in preds.items() if k != "label"}
         agree = {k: 100.0 * float((preds[k] == preds["fp"]).float().mean()) for k in ("fq", "dep")}
         r_fq = {"fp_top1": top1["fp"], "top1": top1["fq"], "agreement": agree["fq"]}
