@@ -13,7 +13,7 @@ from vitq import metrics
 from vitq.api import load_quantized, save_quantized
 from vitq.config import ADFQConfig
 from vitq.quantizers import (GELU_MIN, Log2Quantizer, ShiftLog2Quantizer, TruncatedLog2Quantizer,
-                             UniformActQuantizer, WeightQuantizer)
+                             UniformActQuantizer, WeightQuantizer, rectified_sigmoid)
 from vitq.wrap import act_quantizers, weight_quantizers
 
 from test_wrap import MODELS
@@ -176,8 +176,19 @@ def test_unit_steps_down_and_ends_at_the_target(monkeypatch):
     seen = []
     orig = bd.BitDeclineHook.__call__
 
+    v_starts = []
+
     def spy(self, step, total, unit):
+        prev = self.stage if self.unit is unit else None
         orig(self, step, total, unit)
+        if self.stage != prev:     # a transition starts: V is AdaRound's init on the new grid
+            for layer in unit.layers:
+                wq = layer.weight_quant
+                if wq.alpha_v is not None and wq.blend is not None:
+                    x = layer.weight.detach().float().reshape(layer.weight.shape[0], -1) / wq.scale[:, None]
+                    frac = (x - torch.floor(x)).clamp(1e-4, 1 - 1e-4)
+                    torch.testing.assert_close(rectified_sigmoid(wq.alpha_v.detach()), frac, rtol=0, atol=1e-4)
+                    v_starts.append((unit.name, self.stage))
         wbits = sorted({layer.weight_quant.bits for layer in unit.layers})
         abits = sorted({b.b_out for b in self.acts.values()} | {b.b_in for b in self.acts.values()})
         seen.append((unit.name, step, self.stage, round(next(iter(self.acts.values())).t, 6), wbits, abits))
@@ -193,6 +204,7 @@ def test_unit_steps_down_and_ends_at_the_target(monkeypatch):
     assert [s[4] for s in first] == [[6]] * 3 + [[4]] * 3       # weights train on the b_in grid
     assert [s[5] for s in first] == [[6, 8]] * 3 + [[4, 6]] * 3
     assert len(seen) == 6 * 4
+    assert ("blocks.0.attn", 1) in v_starts and ("blocks.0.mlp", 1) in v_starts
     # afterwards: every quantizer at its target width, no blend, hard weights
     for name, aq in act_quantizers(q):
         assert aq.blend is None
