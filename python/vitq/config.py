@@ -98,7 +98,8 @@ class ADFQConfig:
     beta: Tuple[float, float] = (10.0, 2.0)
     warmup: float = 0.2                     # share of iterations before L_round starts (AdaRound/BRECQ)
     kl_weight: float = 1.0                  # weight of L_as in eq. 31
-    qdrop_prob: float = 0.0                 # QDrop: share of activations left unquantized while training
+    qdrop_prob: float = 0.5                 # QDrop: share of activations left unquantized while training
+                                            # (the public ADFQ-ViT code's 0.5; the paper is silent)
     learn_act_scales: bool = True
     mha_extra_losses: Sequence[Tuple[Union[str, Callable], float]] = ()
     step_hooks: Sequence[Callable] = ()

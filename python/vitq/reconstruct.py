@@ -14,6 +14,8 @@ Units are reconstructed one at a time, in forward order.  For each unit:
    L_as = KL(AS || AS_hat) taken over the key axis of every head's attention rows, with the same
    reduction (eq. 32); L_round of eq. 30 with beta annealed linearly from beta[0] to beta[1] after
    a warm-up share of the iterations.
+   While training, QDrop leaves each activation of the unit's quantizers unquantized with
+   probability ``qdrop_prob`` (0.5 by default, the public code's value).
 3. the weights are hardened (h(V) >= 0.5) before the next unit's inputs are captured.
 
 Hooks for other methods (e.g. DHE's ranking loss, TP-ViT's bit decline):
