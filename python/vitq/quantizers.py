@@ -734,13 +734,15 @@ class WeightQuantizer(nn.Module):
         self.mode = "rtn"
 
     # -- AdaRound ----------------------------------------------------------------------------
+    def adaround_init(self, w: torch.Tensor) -> torch.Tensor:
+        """V on the current grid with h(V) equal to the fractional part of w/s (AdaRound's init)."""
+        x = w.detach().float().reshape(w.shape[0], -1) / self.scale[:, None]
+        rest = (x - torch.floor(x)).clamp(1e-4, 1 - 1e-4)
+        return -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1)
+
     def start_adaround(self, w: torch.Tensor) -> nn.Parameter:
         """Soft mode with V initialised so that h(V) equals the fractional part of w/s."""
-        w2 = w.detach().float().reshape(w.shape[0], -1)
-        x = w2 / self.scale[:, None]
-        rest = (x - torch.floor(x)).clamp(1e-4, 1 - 1e-4)
-        v = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1)
-        self.alpha_v = nn.Parameter(v)
+        self.alpha_v = nn.Parameter(self.adaround_init(w))
         self.mode = "soft"
         return self.alpha_v
 
