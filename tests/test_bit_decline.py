@@ -3,6 +3,7 @@ weight, each quantizer at another width, the blend at t = 0 / 1, and a quantize(
 that ends as a plain target-width model."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -30,6 +31,12 @@ def test_schedule_validation():
             ADFQConfig(w_bits=4, a_bits=4, bit_decline=bad)
     with pytest.raises(ValueError, match="amo"):
         ADFQConfig(amo=False, bit_decline=(8, 4))
+    from vitq.reconstruct import _step_hooks
+    (hook,) = _step_hooks(ADFQConfig(bit_decline=(8, 4), bit_decline_share=0.5))
+    assert hook.share == 0.5 and hook.schedule == (8, 4)
+    for bad in (0, -0.5, 1.5, "half"):
+        with pytest.raises(ValueError, match="bit_decline_share"):
+            ADFQConfig(bit_decline=(8, 4), bit_decline_share=bad)
     cfg = ADFQConfig(bit_decline=(8, 6, 4))
     assert ADFQConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).bit_decline == (8, 6, 4)
 
@@ -46,6 +53,13 @@ def test_transition_weight_ramps_to_one_and_ends_at_the_target():
             assert stages == sorted(stages)
             for a, b in zip(hist, hist[1:]):       # t grows inside a transition, hits 1 at its end
                 assert (b[1] > a[1]) if a[0] == b[0] else (a[1] == 1.0)
+    # with a share < 1 the transitions take the first ceil(share * total) iterations, then t = 1
+    for total in (1, 7, 80):
+        for share in (0.25, 0.5, 0.999):
+            hist = [bd.stage_at(s, total, 3, share) for s in range(total)]
+            decline = max(1, math.ceil(share * total - 1e-9))
+            assert hist[decline - 1] == (2, 1.0) and hist[decline:] == [(2, 1.0)] * (total - decline)
+            assert hist[:decline] == [bd.stage_at(s, decline, 3) for s in range(decline)]
     hook = bd.BitDeclineHook((8, 6, 4))
     assert hook.widths(4) == [8, 6, 4] and hook.widths(8) == [8, 8, 8] and hook.widths(6) == [8, 6, 6]
 
@@ -261,10 +275,14 @@ def test_cli_flags_reach_the_config(capsys):
     from vitq import cli
     args = cli.build_parser().parse_args(["quantize", "--dhe", "--dhe-weight", "0.3", "--bit-decline", "8,6,4"])
     cfg = cli._config_from_args(args)
-    assert cfg.dhe and cfg.dhe_weight == 0.3 and cfg.bit_decline == (8, 6, 4)
+    assert cfg.dhe and cfg.dhe_weight == 0.3 and cfg.bit_decline == (8, 6, 4) and cfg.bit_decline_share == 1.0
+    cfg = cli._config_from_args(cli.build_parser().parse_args(
+        ["quantize", "--bit-decline", "8,6,4", "--bit-decline-share", "0.5"]))
+    assert cfg.bit_decline_share == 0.5
     cfg = cli._config_from_args(cli.build_parser().parse_args(["quantize"]))
     assert not cfg.dhe and cfg.bit_decline is None
-    for bad, needle in ((["--bit-decline", "8,x,4"], "--bit-decline"), (["--bit-decline", "8,6"], "bit_decline")):
+    for bad, needle in ((["--bit-decline", "8,x,4"], "--bit-decline"), (["--bit-decline", "8,6"], "bit_decline"),
+                        (["--bit-decline", "8,6,4", "--bit-decline-share", "0"], "bit_decline_share")):
         assert cli.main(["quantize"] + bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("vitq quantize: error:") and needle in err, err

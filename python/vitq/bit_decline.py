@@ -37,6 +37,7 @@ is a plain target-width model (tested).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -63,9 +64,14 @@ def check_schedule(schedule, target: int) -> Tuple[int, ...]:
     return widths
 
 
-def stage_at(step: int, total: int, transitions: int) -> Tuple[int, float]:
-    """(transition index, t) at iteration ``step`` of ``total``.  With fewer iterations than
-    transitions only the last ``total`` transitions run (one iteration each)."""
+def stage_at(step: int, total: int, transitions: int, share: float = 1.0) -> Tuple[int, float]:
+    """(transition index, t) at iteration ``step`` of ``total``.  The transitions take the first
+    ceil(share * total) iterations; the rest run at the target width (last transition, t = 1).
+    With fewer decline iterations than transitions only the last ones run (one iteration each)."""
+    decline = max(1, math.ceil(share * total - 1e-9))   # the epsilon: 0.5 * 80 is 40, not 41
+    if step >= decline:
+        return transitions - 1, 1.0
+    total = decline
     n = min(transitions, total)
     s = step * n // total
     start = -(-s * total // n)
@@ -184,8 +190,9 @@ class BitDeclineHook:
     """``ADFQConfig.step_hooks`` entry driving one unit's bit decline (added by reconstruct.py
     when ``bit_decline`` is set); ``end_unit`` puts every quantizer back at its target width."""
 
-    def __init__(self, schedule: Sequence[int]):
+    def __init__(self, schedule: Sequence[int], share: float = 1.0):
         self.schedule = tuple(schedule)
+        self.share = share
         if len(self.schedule) < 2:
             raise ValueError(f"bit_decline needs at least two widths, got {self.schedule}")
         self.unit = None
@@ -243,7 +250,7 @@ class BitDeclineHook:
     def __call__(self, step: int, total: int, unit) -> None:
         if self.unit is not unit:
             self._begin(unit)
-        stage, t = stage_at(step, total, len(self.schedule) - 1)
+        stage, t = stage_at(step, total, len(self.schedule) - 1, self.share)
         if stage != self.stage:
             self._enter(stage)
         for blend in list(self.acts.values()) + [wq.blend for wq in self.weights]:

@@ -95,6 +95,7 @@ def _config_from_args(args):
         kw.update(dhe=True, dhe_weight=args.dhe_weight)
     if args.bit_decline:
         kw["bit_decline"] = _parse_widths(args.bit_decline)
+        kw["bit_decline_share"] = args.bit_decline_share
     if args.softmax_quant is not None:
         kw["softmax_quant"] = args.softmax_quant
     if args.baseline:
@@ -163,7 +164,8 @@ def cmd_quantize(args) -> dict:
               "model": args.model, "checkpoint": args.checkpoint, "img_size": args.img_size, "data": args.data,
               "note": note, "eval": res, "quantize": qmodel.vitq_report, "versions": _versions(),
               "method": {"dhe": cfg.dhe, "dhe_weight": cfg.dhe_weight if cfg.dhe else None,
-                         "bit_decline": list(cfg.bit_decline) if cfg.bit_decline else None}}
+                         "bit_decline": list(cfg.bit_decline) if cfg.bit_decline else None,
+                         "bit_decline_share": cfg.bit_decline_share if cfg.bit_decline else None}}
     report["attention_ranking"] = _arpr_report(args, qmodel, evalset, cfg.eval_batch_size)
     if args.metrics:
         report["metrics"] = metrics.layer_report(qmodel, calib[:args.metric_images].to(dev))
@@ -272,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dhe-weight", type=float, default=1.0, help="weight of the DHE ranking loss (default 1.0)")
     q.add_argument("--bit-decline", default=None, metavar="WIDTHS",
                    help="TP-ViT progressive bit decline, e.g. 8,6,4 (ending at min(w-bits, a-bits)); docs/tp_vit.md")
+    q.add_argument("--bit-decline-share", type=float, default=1.0, metavar="S",
+                   help="share of each unit's iterations spent on the bit-decline transitions; the rest "
+                        "train at the target width (default 1.0)")
     q.add_argument("--softmax-quant", default=None, choices=("log2", "uniform", "tul2"),
                    help="post-softmax quantizer: log2 (ADFQ-ViT, default), tul2 (TP-ViT truncated "
                         "uniform-log2, docs/tp_vit.md), uniform")

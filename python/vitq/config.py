@@ -116,6 +116,8 @@ class ADFQConfig:
     # TP-ViT progressive bit-decline (seed 001, docs/tp_vit.md, bit_decline.py): e.g. (8, 6, 4);
     # strictly decreasing, ending at min(w_bits, a_bits); None = off.  Needs reconstruction (amo).
     bit_decline: Optional[Tuple[int, ...]] = None
+    bit_decline_share: float = 1.0          # share of each unit's iterations spent on the transitions;
+                                            # the rest train at the target width (t = 1)
 
     # running
     device: Optional[str] = None            # None: cuda when available, else cpu
@@ -169,6 +171,8 @@ class ADFQConfig:
         if self.dhe_pairs is not None and (isinstance(self.dhe_pairs, bool) or not isinstance(self.dhe_pairs, int)
                                            or self.dhe_pairs < 1):
             raise ValueError(f"dhe_pairs must be a positive int or None, got {self.dhe_pairs!r}")
+        if not (isinstance(self.bit_decline_share, (int, float)) and 0 < self.bit_decline_share <= 1):
+            raise ValueError(f"bit_decline_share must be in (0, 1], got {self.bit_decline_share!r}")
         if self.bit_decline is not None:
             from .bit_decline import check_schedule
             self.bit_decline = check_schedule(self.bit_decline, min(self.w_bits, self.a_bits))

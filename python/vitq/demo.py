@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .api import iter_batches, predictions, quantize
+from .api import iter_batches, predictions, quantize, top1
 from .config import ADFQConfig
 from .data import calibration_batch, fashion_mnist
 from .export import export, save, size_report, skeleton_of
@@ -90,11 +90,11 @@ def run_demo(out_dir="out/demo", n_test: int = 300, n_calib: int = 64, preset: s
     with torch.no_grad():
         preds = predictions({"fp": fp, "fq": qm, "dep": dep}, test, progress=progress,
                             desc="evaluating fp / fake-quant / kernels")
-        top1 = {k: 100.0 * float((v == preds["label"]).float().mean()) for k, v in preds.items() if k != "label"}
-        agree = {k: 100.0 * float((preds[k] == preds["fp"]).float().mean()) for k in ("fq", "dep")}
-        r_fq = {"fp_top1": top1["fp"], "top1": top1["fq"], "agreement": agree["fq"]}
-        r_dep = {"top1": top1["dep"], "agreement": agree["dep"]}
-        agree_dep_fq = 100.0 * float((preds["dep"] == preds["fq"]).float().mean())
+        acc = {k: top1(v, preds["label"]) for k, v in preds.items() if k != "label"}
+        agree = {k: top1(preds[k], preds["fp"]) for k in ("fq", "dep")}
+        r_fq = {"fp_top1": acc["fp"], "top1": acc["fq"], "agreement": agree["fq"]}
+        r_dep = {"top1": acc["dep"], "agreement": agree["dep"]}
+        agree_dep_fq = top1(preds["dep"], preds["fq"])
         xb = next(iter_batches(test, 32))[0].to(dev)
         feats = (fp.features(xb), qm.features(xb), dep.features(xb))
     cos = torch.nn.functional.cosine_similarity(feats[1].flatten(1), feats[2].flatten(1)).min().item()

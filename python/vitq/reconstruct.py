@@ -301,7 +301,7 @@ def _step_hooks(cfg: ADFQConfig) -> list:
     hooks = list(cfg.step_hooks)
     if cfg.bit_decline:
         from .bit_decline import BitDeclineHook
-        hooks.append(BitDeclineHook(cfg.bit_decline))
+        hooks.append(BitDeclineHook(cfg.bit_decline, cfg.bit_decline_share))
     return hooks
 
 
