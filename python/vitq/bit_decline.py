@@ -68,7 +68,7 @@ def stage_at(step: int, total: int, transitions: int, share: float = 1.0) -> Tup
     """(transition index, t) at iteration ``step`` of ``total``.  The transitions take the first
     ceil(share * total) iterations; the rest run at the target width (last transition, t = 1).
     With fewer decline iterations than transitions only the last ones run (one iteration each)."""
-    decline = max(1, math.ceil(share * total - 1e-9))   # the epsilon: 0.5 * 80 is 40, not 41
+    decline = max(1, math.ceil(share * total - 1e-9))   # epsilon: 0.07 * 100 is 7.000000000000001
     if step >= decline:
         return transitions - 1, 1.0
     total = decline
