@@ -282,7 +282,9 @@ def test_cli_flags_reach_the_config(capsys):
     cfg = cli._config_from_args(cli.build_parser().parse_args(["quantize"]))
     assert not cfg.dhe and cfg.bit_decline is None
     for bad, needle in ((["--bit-decline", "8,x,4"], "--bit-decline"), (["--bit-decline", "8,6"], "bit_decline"),
-                        (["--bit-decline", "8,6,4", "--bit-decline-share", "0"], "bit_decline_share")):
+                        (["--bit-decline", "8,6,4", "--bit-decline-share", "0"], "bit_decline_share"),
+                        (["--bit-decline-share", "0.5"], "--bit-decline-share needs --bit-decline"),
+                        (["--dhe-weight", "0.5"], "--dhe-weight needs --dhe")):
         assert cli.main(["quantize"] + bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("vitq quantize: error:") and needle in err, err

@@ -91,11 +91,18 @@ def _config_from_args(args):
     for name in ("iters", "calib_images", "batch_size"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    # a modifier without its switch would be silently ignored: refuse it instead
+    for modifier, switch in (("dhe_weight", "dhe"), ("bit_decline_share", "bit_decline")):
+        if getattr(args, modifier) is not None and not getattr(args, switch):
+            raise CliError(f"--{modifier.replace('_', '-')} needs --{switch.replace('_', '-')}")
     if args.dhe:
-        kw.update(dhe=True, dhe_weight=args.dhe_weight)
+        kw.update(dhe=True)
+        if args.dhe_weight is not None:
+            kw["dhe_weight"] = args.dhe_weight
     if args.bit_decline:
         kw["bit_decline"] = _parse_widths(args.bit_decline)
-        kw["bit_decline_share"] = args.bit_decline_share
+        if args.bit_decline_share is not None:
+            kw["bit_decline_share"] = args.bit_decline_share
     if args.softmax_quant is not None:
         kw["softmax_quant"] = args.softmax_quant
     if args.baseline:
@@ -271,12 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=None, help="reconstruction batch (default: preset)")
     q.add_argument("--dhe", action="store_true",
                    help="DHE: add the attention ranking loss to AMO's MHA loss (docs/dhe.md)")
-    q.add_argument("--dhe-weight", type=float, default=1.0, help="weight of the DHE ranking loss (default 1.0)")
+    q.add_argument("--dhe-weight", type=float, default=None,
+                   help="weight of the DHE ranking loss (with --dhe; default 1.0)")
     q.add_argument("--bit-decline", default=None, metavar="WIDTHS",
                    help="TP-ViT progressive bit decline, e.g. 8,6,4 (ending at min(w-bits, a-bits)); docs/tp_vit.md")
-    q.add_argument("--bit-decline-share", type=float, default=1.0, metavar="S",
+    q.add_argument("--bit-decline-share", type=float, default=None, metavar="S",
                    help="share of each unit's iterations spent on the bit-decline transitions; the rest "
-                        "train at the target width (default 1.0)")
+                        "train at the target width (with --bit-decline; default 1.0)")
     q.add_argument("--softmax-quant", default=None, choices=("log2", "uniform", "tul2"),
                    help="post-softmax quantizer: log2 (ADFQ-ViT, default), tul2 (TP-ViT truncated "
                         "uniform-log2, docs/tp_vit.md), uniform")

@@ -72,8 +72,9 @@ def run_demo(out_dir="out/demo", n_test: int = 300, n_calib: int = 64, preset: s
     preset = preset or ("paper" if dev.type == "cuda" else "fast")
     print(f"[1/5] DINOv2-S/14 + Fashion-MNIST probe (112 px) on {dev}")
     fp = load_default_model(112).to(dev)
-    calib, _ = calibration_batch(fashion_mnist("train", n=max(n_calib, 1024 if preset == "paper" else n_calib),
-                                               model=fp), n_calib if preset != "paper" else 1024, seed=0)
+    # the same draw as `vitq quantize` and bench/accuracy.py (seed 0 over the whole train split),
+    # so the demo's figure is the bench's W4A4 row and not a different calibration set
+    calib, _ = calibration_batch(fashion_mnist("train", model=fp), n_calib if preset != "paper" else 1024, seed=0)
     test = fashion_mnist("test", n=n_test, model=fp)
     print(f"[2/5] ADFQ-ViT W4A4 calibration, preset {preset!r}, {calib.shape[0]} images")
     t0 = time.perf_counter()
