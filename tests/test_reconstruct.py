@@ -71,6 +71,33 @@ def test_hooks_are_called_and_extra_loss_is_added():
                                              mha_extra_losses=[("nope", 1.0)]), torch.randn(2, 3, 28, 28))
 
 
+@pytest.mark.parametrize("preset,overrides,expected", [
+    ("fast", {}, (3e-2, 4e-4)), ("paper", {}, (3e-3, 4e-5)), ("fast", {"lr_v": 1e-3, "lr_scale": 2e-5}, (1e-3, 2e-5))])
+def test_learning_rates_come_from_the_preset_unless_given(monkeypatch, preset, overrides, expected):
+    seen = []
+    real_adam = torch.optim.Adam
+
+    def spy(params, lr):
+        params = list(params)
+        seen.append((lr, len(params)))
+        return real_adam(params, lr=lr)
+
+    monkeypatch.setattr(rc.torch.optim, "Adam", spy)
+    cfg = ADFQConfig(preset=preset, iters=1, calib_images=2, batch_size=2, progress=False, **overrides)
+    assert cfg.to_dict()["resolved"]["lr_v"] == expected[0]
+    vitq.quantize(tiny_vit(), cfg, torch.randn(2, 3, 28, 28))
+    # per unit (2 MHA + 2 MLP): one optimizer for V, one for the scales s_a
+    assert [lr for lr, _ in seen] == [expected[0], expected[1]] * 4, seen
+    assert all(n > 0 for _, n in seen)
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, float("nan"), float("inf"), True, "1e-3"])
+def test_bad_learning_rates_are_refused(bad):
+    for name in ("lr_v", "lr_scale"):
+        with pytest.raises(ValueError, match=name):
+            ADFQConfig(**{name: bad})
+
+
 def test_block_wise_baseline_runs_and_hardens():
     cfg = ADFQConfig(recon="block", qdrop_prob=0.5, iters=3, calib_images=4, batch_size=2, progress=False)
     q = vitq.quantize(tiny_vit(), cfg, torch.randn(4, 3, 28, 28))
