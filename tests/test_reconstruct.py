@@ -72,7 +72,7 @@ def test_hooks_are_called_and_extra_loss_is_added():
 
 
 @pytest.mark.parametrize("preset,overrides,expected", [
-    ("fast", {}, (3e-2, 4e-4)), ("paper", {}, (3e-3, 4e-5)), ("fast", {"lr_v": 1e-3, "lr_scale": 2e-5}, (1e-3, 2e-5))])
+    ("fast", {}, (3e-2, 4e-5)), ("paper", {}, (3e-3, 4e-5)), ("fast", {"lr_v": 1e-3, "lr_scale": 2e-5}, (1e-3, 2e-5))])
 def test_learning_rates_come_from_the_preset_unless_given(monkeypatch, preset, overrides, expected):
     seen = []
     real_adam = torch.optim.Adam
