@@ -10,8 +10,8 @@ from .quantizers import INIT_METHODS, check_emulated_bits
 # iterations per module, calibration images, minibatch size, Adam learning rates of V and s_a.
 # `fast` runs 37x fewer iterations than the paper, so it takes 10x the paper's rate for AdaRound's
 # V, whose domain does not depend on the bit width.  s_a keeps the paper's rate: Adam's step is
-# absolute, and an activation scale is 17x smaller at 8 bits than at 4, so 10x there costs W8A8
-# (docs/calibration.md, "Budget").
+# absolute, and an activation scale is 17x smaller at 8 bits than at 4; 10x there measured W8A8
+# 2 images lower, under issue 4's 1-point line (docs/calibration.md, "Budget").
 PRESETS = {
     "paper": dict(iters=3000, calib_images=1024, batch_size=32, lr_v=3e-3, lr_scale=4e-5),
     "fast": dict(iters=80, calib_images=64, batch_size=16, lr_v=3e-2, lr_scale=4e-5),
