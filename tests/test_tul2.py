@@ -167,6 +167,57 @@ def test_calibration_search_is_exact_and_never_worse_than_log2(bits, with_values
                                                  q.substeps, q.max_code))
 
 
+def test_sampling_leaves_the_global_rng_alone():
+    """The search sample is drawn from the quantizer's own generator: calibrating with tul2
+    must not shift the global stream that other quantizers' searches and QDrop draw from."""
+    from vitq.quantizers import TruncatedLog2Quantizer
+    batches = [peaky_attention(2, 3, 40, 16, t) for t in (1.0, 2.0, 4.0, 8.0)]
+
+    def calibrate():
+        q = TruncatedLog2Quantizer(4)
+        q.SAMPLE_CAP = 1 << 12              # small cap: also exercise the keep-a-random-half branch
+        q.observing = True
+        for p, v in batches:
+            q.observe_values(v)
+            q(p)
+        return q
+
+    state = torch.get_rng_state()
+    q = calibrate()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert 0 < q._n_samples < sum(p.numel() + v.numel() for p, v in batches)   # it did subsample
+    torch.manual_seed(123)                  # a different global state: the same sample
+    again = calibrate()
+    assert len(again._samples) == len(q._samples)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again._samples, q._samples))
+
+
+def test_tul2_that_picks_plain_log2_calibrates_exactly_like_log2(monkeypatch):
+    """When the search returns plain log2 in every block, the whole calibrated model equals the
+    log2 one: choosing tul2 changes nothing else (before the sampler had its own generator, it
+    shifted the global random stream and so every later MSE search sample)."""
+    timm = pytest.importorskip("timm")
+    import vitq
+    from vitq import quantizers
+
+    def plain_wins(samples, bits, substeps_choices, max_code=None):
+        return {(0, (1 << bits) - 2): 0.0, (1, 0): 1.0}
+    monkeypatch.setattr(quantizers, "tul2_search", plain_wins)
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=2, img_size=56, num_classes=10,
+                           init_values=0.5).eval()
+    calib = torch.randn(8, 3, 56, 56)
+    x = torch.randn(3, 3, 56, 56)
+    outs = []
+    for sq in ("log2", "tul2"):
+        cfg = vitq.ADFQConfig(w_bits=4, a_bits=4, softmax_quant=sq, amo=False, progress=False)
+        qm = vitq.quantize(fp, cfg, calib)
+        with torch.no_grad():
+            outs.append(qm(x))
+    assert (qm.blocks[0].attn.p_quant.substeps, qm.blocks[0].attn.p_quant.max_code) == (0, 14)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_quantizer_bad_arguments():
     from vitq.quantizers import TruncatedLog2Quantizer
     with pytest.raises(ValueError, match="substeps"):

@@ -442,7 +442,7 @@ class TruncatedLog2Quantizer(ActQuantizer):
     ROWS_PER_SLICE = 32    # query rows kept per sampled (image, head) slice
 
     def __init__(self, bits: int, substeps_choices=(0, 1, 2), substeps: Optional[int] = None,
-                 max_code: Optional[int] = None):
+                 max_code: Optional[int] = None, sample_seed: int = 0):
         super().__init__(bits)
         choices = tuple(substeps_choices) if substeps is None else (substeps,)
         if not choices or any(m not in ref.LOG_SUBSTEPS for m in choices):
@@ -460,6 +460,10 @@ class TruncatedLog2Quantizer(ActQuantizer):
         self._pending_values = None
         self._samples = []              # (P rows [S, R, N], V [S, N, D] or None), on CPU
         self._n_samples = 0
+        # the sampler's own stream: drawing from the global one would shift every later draw
+        # (other quantizers' search samples, QDrop masks), so choosing tul2 over log2 would change
+        # the rest of the calibration even where the search returns plain log2
+        self._gen = torch.Generator().manual_seed(sample_seed)
         self.initialized = substeps is not None and max_code is not None
 
     @property
@@ -492,15 +496,15 @@ class TruncatedLog2Quantizer(ActQuantizer):
         per_image = heads * (rows * N + (0 if v3 is None else N * v3.shape[-1]))
         n_images = p3.shape[0] // heads
         n_pick = max(1, min(n_images, (self.SAMPLE_CAP // 2) // per_image))
-        pick = torch.randperm(n_images, device=p.device)[:n_pick]
+        pick = torch.randperm(n_images, generator=self._gen)[:n_pick].to(p.device)
         sl = (pick[:, None] * heads + torch.arange(heads, device=p.device)).reshape(-1)
-        rw = torch.rand(sl.numel(), p3.shape[1], device=p.device).argsort(dim=1)[:, :rows]
+        rw = torch.rand(sl.numel(), p3.shape[1], generator=self._gen).argsort(dim=1)[:, :rows].to(p.device)
         ps = torch.gather(p3[sl], 1, rw[:, :, None].expand(-1, -1, N)).cpu()
         vs = None if v3 is None else v3[sl].cpu()
         self._samples.append((ps, vs))
         self._n_samples += ps.numel() + (0 if vs is None else vs.numel())
         if self._n_samples > 2 * self.SAMPLE_CAP:               # keep a random half of the batches
-            keep = [s for s in self._samples if bool(torch.rand(()) < 0.5)] or self._samples[-1:]
+            keep = [s for s in self._samples if bool(torch.rand((), generator=self._gen) < 0.5)] or self._samples[-1:]
             self._samples = keep
             self._n_samples = sum(a.numel() + (0 if b is None else b.numel()) for a, b in keep)
 
