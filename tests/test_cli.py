@@ -63,3 +63,52 @@ def test_demo_runs_end_to_end_on_the_kernels(tmp_path, capsys):
     png = (tmp_path / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "kernel vs fake-quant: top-1 agreement 100.00%" in capsys.readouterr().out
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_calib_seed_sets_the_draw_alone(monkeypatch):
+    """--calib-seed changes which calibration images are drawn, and nothing else: the config's
+    seed (QDrop masks, batch order) stays --seed.  The same holds for bench/accuracy.py."""
+    import sys
+    from pathlib import Path
+    seen = {}
+
+    def spy_build_data(spec, model, calib_images, eval_images, seed=0):
+        seen["draw"] = seed
+        raise _Stop
+
+    def spy_config(args):
+        cfg = orig_config(args)
+        seen["config"] = cfg.seed
+        return cfg
+    orig_config = cli._config_from_args
+    monkeypatch.setattr(cli, "_config_from_args", spy_config)
+    monkeypatch.setattr(cli, "build_data", spy_build_data)
+    for argv, want in ((["--seed", "2"], (2, 2)), (["--seed", "2", "--calib-seed", "5"], (5, 2)),
+                       (["--calib-seed", "5"], (5, 0))):
+        seen.clear()
+        with pytest.raises(_Stop):
+            cli.main(["quantize", "--no-amo", "--quiet"] + argv)
+        assert (seen["draw"], seen["config"]) == want, argv
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+
+    def spy_batch(ds, n, seed):
+        seen["bench_draw"] = seed
+        raise _Stop
+    monkeypatch.setattr(accuracy.data, "calibration_batch", spy_batch)
+    with pytest.raises(_Stop):
+        accuracy.main(["--bits", "8", "--rows", "all", "--seed", "1", "--calib-seed", "4", "--quiet"])
+    assert seen["bench_draw"] == 4
+    args = type("A", (), dict(preset="fast", iters=None, calib_images=None, batch_size=None, eval_images=300,
+                              seed=1, calib_seed=4))()
+    assert accuracy.cli_command("all", 4, args).endswith("--eval-images 300 --seed 1 --calib-seed 4")
+    args.calib_seed = None
+    assert accuracy.cli_command("all", 4, args).endswith("--eval-images 300 --seed 1")

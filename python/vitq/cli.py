@@ -162,7 +162,8 @@ def cmd_quantize(args) -> dict:
     cfg = _config_from_args(args)
     t0 = time.perf_counter()
     fp = build_model(args.model, args.checkpoint, args.img_size)
-    calib, evalset, note = build_data(args.data, fp, cfg.resolved("calib_images"), args.eval_images, args.seed)
+    draw_seed = args.seed if args.calib_seed is None else args.calib_seed
+    calib, evalset, note = build_data(args.data, fp, cfg.resolved("calib_images"), args.eval_images, draw_seed)
     qmodel = api.quantize(fp, cfg, calib)
     dev = next(qmodel.parameters()).device
     fp.to(dev)
@@ -288,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--softmax-quant", default=None, choices=("log2", "uniform", "tul2"),
                    help="post-softmax quantizer: log2 (ADFQ-ViT, default), tul2 (TP-ViT truncated "
                         "uniform-log2, docs/tp_vit.md), uniform")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="ADFQConfig.seed, and the calibration draw's")
+    q.add_argument("--calib-seed", type=int, default=None,
+                   help="seed of the calibration draw alone (default: --seed)")
     q.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="evaluate an fp model, or a saved fake-quant model against its fp model")
