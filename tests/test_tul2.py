@@ -218,6 +218,30 @@ def test_tul2_that_picks_plain_log2_calibrates_exactly_like_log2(monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_tul2_sample_follows_the_config_seed(monkeypatch):
+    """ADFQConfig.seed seeds the sampler: the same seed draws the same sample, another seed another."""
+    timm = pytest.importorskip("timm")
+    import vitq
+    from vitq import quantizers
+    firsts = []
+
+    def capture(samples, bits, substeps_choices, max_code=None):
+        if len(firsts) < 3:
+            firsts.append(torch.cat([p.reshape(-1) for p, _ in samples]))
+        return {(0, (1 << bits) - 2): 0.0}
+    monkeypatch.setattr(quantizers, "tul2_search", capture)
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_small_patch14_dinov2", pretrained=False, depth=1, img_size=56, num_classes=10,
+                           init_values=0.5).eval()
+    calib = torch.randn(8, 3, 56, 56)
+    for seed in (0, 0, 1):
+        cfg = vitq.ADFQConfig(w_bits=4, a_bits=4, softmax_quant="tul2", amo=False, progress=False, seed=seed)
+        vitq.quantize(fp, cfg, calib)
+    assert len(firsts) == 3       # one attention block per run: its search sample
+    assert torch.equal(firsts[0], firsts[1])
+    assert firsts[0].shape != firsts[2].shape or not torch.equal(firsts[0], firsts[2])
+
+
 def test_quantizer_bad_arguments():
     from vitq.quantizers import TruncatedLog2Quantizer
     with pytest.raises(ValueError, match="substeps"):

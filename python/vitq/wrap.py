@@ -103,7 +103,7 @@ class _QuantAttentionBase(nn.Module):
         if cfg.softmax_quant == "log2":
             self.p_quant = Log2Quantizer(cfg.a_bits, cfg.softmax_substeps_resolved)
         elif cfg.softmax_quant == "tul2":
-            self.p_quant = TruncatedLog2Quantizer(cfg.a_bits)
+            self.p_quant = TruncatedLog2Quantizer(cfg.a_bits, sample_seed=cfg.seed)
         else:
             self.p_quant = UniformActQuantizer(cfg.a_bits, "tensor", init=cfg.a_init)
         self.record_probs = False
