@@ -53,6 +53,39 @@ def code_container(op: str, what: str, bits: int) -> int:
     return container_bits(bits)
 
 
+def code_matrix_width(op: str, name: str, t, bits: int) -> int:
+    """K of a uniform code matrix: int8 [R, K], or packed uint8 [R, K/2] for 3- and 4-bit codes."""
+    packed = code_container(op, f"{name}_bits", bits) == 4
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be a 2-D tensor")
+    check_dtype(op, f"{name} ({bits}-bit codes)", t, (torch.uint8,) if packed else (torch.int8,))
+    return t.shape[1] * (2 if packed else 1)
+
+
+def nonempty(t: torch.Tensor) -> torch.Tensor:
+    """t, or a one-element stand-in when t is empty: a zero-size tensor may have no valid
+    address, and the kernels never read it then."""
+    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
+
+
+def autotune_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row-tiles in a row share each
+    weight tile while it is in L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows_in_group, (pid % per_group) // rows_in_group
+
+
 def is_interpreted(kernel) -> bool:
     """True when @triton.jit produced an interpreter function (TRITON_INTERPRET=1 at import)."""
     from triton.runtime.interpreter import InterpretedFunction

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, round_half_even
+from ._utils import (FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, nonempty,
+                     round_half_even)
 
 # status word bits (globals read by a kernel must be tl.constexpr)
 X_NONFINITE, BAD_SCALE, BAD_ZERO, Y_NONFINITE = 1, 2, 4, 8
@@ -142,10 +143,6 @@ def _blocks(K: int, interpreted: bool) -> tuple[int, int, int]:
     return bm, bk, max(4, min(16, bm * bk // 512))
 
 
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    # a zero-size tensor may have no valid address; the kernel never touches it then
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
-
 
 def layernorm_quantize(x, weight, bias, eps, bits, scale=None, zero=None, outlier_threshold=None, max_outliers=0):
     """Triton version of reference.layernorm_quantize (same outputs, same errors).
@@ -212,9 +209,9 @@ def layernorm_quantize(x, weight, bias, eps, bits, scale=None, zero=None, outlie
     block_m, block_k, warps = _blocks(K, interpreted)
     outliers = outlier_threshold is not None
     _layernorm_quantize_kernel[(triton.cdiv(M, block_m),)](
-        _nonempty(x), x.stride(0), x.stride(1), weight.contiguous(), bias.contiguous(), float(eps),
+        nonempty(x), x.stride(0), x.stride(1), weight.contiguous(), bias.contiguous(), float(eps),
         scale_in, zero_in, T,
-        _nonempty(codes), s_out, z_out, rowsum, _nonempty(idx), _nonempty(val), count, status,
+        nonempty(codes), s_out, z_out, rowsum, nonempty(idx), nonempty(val), count, status,
         M, K, float(outlier_threshold) if outliers else 0.0, C,
         BITS=bits, STATIC=static, OUTLIERS=outliers, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=warps, enable_fp_fusion=False)

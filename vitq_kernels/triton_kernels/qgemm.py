@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device, check_dtype, check_vector, code_container, is_interpreted, nibbles_to_int8
+from .. import reference
+from ._utils import (autotune_config, check_device, check_dtype, check_vector, code_matrix_width, grouped_tile,
+                     is_interpreted, nibbles_to_int8, nonempty)
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -36,27 +38,16 @@ MAX_K = 32768
 
 
 @triton.jit
-def _qgemm_kernel(
-        a_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
-        w_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr,
-        bias_ptr, oidx_ptr, oval_ptr, y_ptr,
-        M, N, K, C, m_bucket,
-        stride_am, stride_ak, stride_wn, stride_wk, stride_ym,
-        A_BITS: tl.constexpr, W_BITS: tl.constexpr,
-        HAS_W_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped tile order: GROUP_M row-tiles share each weight tile while it is in L2
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def qgemm_tile(a_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
+               w_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr,
+               bias_ptr, oidx_ptr, oval_ptr, rm, rn, M, N, K, C,
+               stride_am, stride_ak, stride_wn, stride_wk,
+               A_BITS: tl.constexpr, W_BITS: tl.constexpr,
+               HAS_W_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 value y = sw_j (s_i acc_ij + o_ij) + bias_j of rows rm x columns rn, before any
+    cast: the one copy of the main loop and the dequant/outlier epilogue, shared by qgemm and
+    fc1's GELU + Shift-Log2 kernel (shiftlog2.py), so the two cannot drift apart."""
     m_ok = rm < M
     n_ok = rn < N
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am          # [BM, 1]
@@ -83,25 +74,25 @@ def _qgemm_kernel(
             b = tl.trans(nibbles_to_int8(pw))
         acc += tl.dot(a, b)
 
+    # zero points: sum_k (a - za)(w - zw) from the plain product and the row / column sums
     za = tl.load(a_zero_ptr + rm, mask=m_ok, other=0)
-    rw = tl.load(w_colsum_ptr + rn, mask=n_ok, other=0)
-    acc = acc - za[:, None] * rw[None, :]
+    acc = acc - za[:, None] * tl.load(w_colsum_ptr + rn, mask=n_ok, other=0)[None, :]
     if HAS_W_ZERO:
         zw = tl.load(w_zero_ptr + rn, mask=n_ok, other=0)
         ra = tl.load(a_rowsum_ptr + rm, mask=m_ok, other=0)
         acc = acc - zw[None, :] * ra[:, None] + K * za[:, None] * zw[None, :]
-    s = tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)
-    y = s[:, None] * acc.to(tl.float32)
+    y = tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)[:, None] * acc.to(tl.float32)
 
     if HAS_OUTLIERS:
+        # full-precision outliers, slot order c = 0..C-1 as the reference sums them
         o = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         slot_row = rm.to(tl.int64) * C
         # int32 offsets (the launcher checks w has < 2^31 elements) keep the [BM, BN]
         # gather addresses from doubling the epilogue's register footprint
-        w_col_off = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) * stride_wn
+        w_col_off = rn * stride_wn
         for c in range(0, C):
             v = tl.load(oval_ptr + slot_row + c, mask=m_ok, other=0.0)
-            if tl.max(tl.abs(v), axis=0) > 0.0:
+            if tl.max(tl.abs(v), axis=0) > 0.0:          # slots fill front to back
                 ix = tl.load(oidx_ptr + slot_row + c, mask=m_ok, other=0)
                 v = tl.where((ix >= 0) & (ix < K), v, 0.0)
                 take = (v != 0.0)[:, None] & n_ok[None, :]
@@ -119,18 +110,33 @@ def _qgemm_kernel(
                 o += v[:, None] * wq.to(tl.float32)
         y = y + o
 
-    sw = tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)
-    y = sw[None, :] * y
+    y = tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)[None, :] * y
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _qgemm_kernel(
+        a_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
+        w_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr,
+        bias_ptr, oidx_ptr, oval_ptr, y_ptr,
+        M, N, K, C, m_bucket,
+        stride_am, stride_ak, stride_wn, stride_wk, stride_ym,
+        A_BITS: tl.constexpr, W_BITS: tl.constexpr,
+        HAS_W_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = qgemm_tile(a_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr,
+                   bias_ptr, oidx_ptr, oval_ptr, rm, rn, M, N, K, C, stride_am, stride_ak, stride_wn, stride_wk,
+                   A_BITS, W_BITS, HAS_W_ZERO, HAS_BIAS, HAS_OUTLIERS, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
-
+_config = autotune_config
 
 # H100 candidates, all wgmma-eligible (a ViT linear has M = batch * tokens, N, K in 384..4096).
 # Register use was read from `ptxas -v` on the sm_90 AOT build (tests/test_triton_aot.py
@@ -155,34 +161,19 @@ _qgemm_dense = triton.autotune(configs=DENSE_CONFIGS, key=_TUNE_KEY)(_qgemm_kern
 _qgemm_outliers = triton.autotune(configs=OUTLIER_CONFIGS, key=_TUNE_KEY)(_qgemm_kernel)
 
 
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    # a zero-size tensor may have no valid address; the kernel never reads it then
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
-
-
-def _codes(op, name, t, bits):
-    """(K, container) of a code matrix: int8 [R, K], or packed uint8 [R, K/2] for 3/4-bit codes."""
-    container = code_container(op, f"{name.split()[0]}_bits", bits)
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        raise ValueError(f"{op}: {name} must be a 2-D tensor")
-    check_dtype(op, f"{name} ({bits}-bit codes)", t, (torch.uint8,) if container == 4 else (torch.int8,))
-    return t.shape[1] * (2 if container == 4 else 1), container
-
-
-def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None, outlier_idx=None,
-          outlier_val=None, a_bits=8, w_bits=8, out_dtype=torch.float16):
-    """Triton version of reference.qgemm.  a, w: any strides; no host sync."""
-    op = "qgemm"
-    K, a_container = _codes(op, "a codes", a, a_bits)
-    Kw, w_container = _codes(op, "w codes", w, w_bits)
+def check_operands(op, a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, outlier_idx,
+                   outlier_val, a_bits, w_bits) -> dict:
+    """Checks qgemm's operands (shared with qgemm_gelu_shiftlog2, which takes the same ones).
+    Returns them made contiguous where needed, with M, N, K, C (outlier slots, 0 = none), the
+    code containers and the device."""
+    K = code_matrix_width(op, "a", a, a_bits)
+    Kw = code_matrix_width(op, "w", w, w_bits)
     if K != Kw:
         raise ValueError(f"{op}: K mismatch: activations have {K}, weights {Kw}")
     if K > MAX_K:
         raise ValueError(f"{op}: K={K} > {MAX_K} could overflow the int32 accumulator")
     if (w.shape[0] - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) >= 2**31:
         raise ValueError(f"{op}: w spans >= 2^31 elements; the outlier gather uses int32 offsets")
-    if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
     M, N = a.shape[0], w.shape[0]
     a_scale = check_vector(op, "a_scale", a_scale, M, torch.float32)
     a_zero = check_vector(op, "a_zero", a_zero, M, torch.int32)
@@ -192,8 +183,7 @@ def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None,
     if w_zero is not None:
         w_zero = check_vector(op, "w_zero", w_zero, N, torch.int32)
     if bias is not None:
-        if bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: bias must be fp16, bf16 or fp32, got {bias.dtype}")
+        check_dtype(op, "bias", bias, _FLOAT_DTYPES)
         bias = check_vector(op, "bias", bias, N, bias.dtype)
     if (outlier_idx is None) != (outlier_val is None):
         raise ValueError(f"{op}: outlier_idx and outlier_val must be given together")
@@ -209,27 +199,52 @@ def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None,
     device = check_device(_qgemm_kernel, op, a=a, a_scale=a_scale, a_zero=a_zero, a_rowsum=a_rowsum, w=w,
                           w_scale=w_scale, w_zero=w_zero, w_colsum=w_colsum, bias=bias,
                           outlier_idx=outlier_idx, outlier_val=outlier_val)
-    y = torch.empty((M, N), dtype=out_dtype, device=device)
+    return dict(a=a, a_scale=a_scale, a_zero=a_zero, a_rowsum=a_rowsum, w=w, w_scale=w_scale, w_zero=w_zero,
+                w_colsum=w_colsum, bias=bias, outlier_idx=outlier_idx, outlier_val=outlier_val,
+                M=M, N=N, K=K, C=C, device=device,
+                # specialised on the container, not the width: 3-bit codes run the int4 kernel (no new GEMM)
+                A_BITS=reference.container_bits(a_bits), W_BITS=reference.container_bits(w_bits))
+
+
+def operand_args(p: dict, out: torch.Tensor) -> tuple:
+    """The kernels' leading arguments, a_ptr .. m_bucket (absent optional tensors get a stand-in
+    that is never read)."""
+    absent = p["a_zero"]
+    C = p["C"]
+    return (nonempty(p["a"]), p["a_scale"], p["a_zero"], p["a_rowsum"], nonempty(p["w"]), p["w_scale"],
+            absent if p["w_zero"] is None else p["w_zero"], p["w_colsum"],
+            absent if p["bias"] is None else p["bias"],
+            nonempty(p["outlier_idx"]) if C else absent, nonempty(p["outlier_val"]) if C else absent, out,
+            p["M"], p["N"], p["K"], C, triton.next_power_of_2(p["M"]))
+
+
+def operand_flags(p: dict) -> dict:
+    return dict(A_BITS=p["A_BITS"], W_BITS=p["W_BITS"], HAS_W_ZERO=p["w_zero"] is not None,
+                HAS_BIAS=p["bias"] is not None, HAS_OUTLIERS=p["C"] > 0)
+
+
+def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None, outlier_idx=None,
+          outlier_val=None, a_bits=8, w_bits=8, out_dtype=torch.float16):
+    """Triton version of reference.qgemm.  a, w: any strides; no host sync."""
+    op = "qgemm"
+    p = check_operands(op, a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias, outlier_idx,
+                       outlier_val, a_bits, w_bits)
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    M, N = p["M"], p["N"]
+    y = torch.empty((M, N), dtype=out_dtype, device=p["device"])
     if M == 0 or N == 0:
         return y
-
-    dummy = a_zero      # stands in for absent optional tensors; never read
-    args = (_nonempty(a), a_scale, a_zero, a_rowsum, _nonempty(w), w_scale,
-            w_zero if w_zero is not None else dummy, w_colsum, bias if bias is not None else dummy,
-            _nonempty(outlier_idx) if C else dummy, _nonempty(outlier_val) if C else dummy, y,
-            M, N, K, C, triton.next_power_of_2(M),
-            a.stride(0), a.stride(1), w.stride(0), w.stride(1), y.stride(0))
-    # specialised on the container, not the width: 3-bit codes run the int4 kernel (no new GEMM)
-    flags = dict(A_BITS=a_container, W_BITS=w_container, HAS_W_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
-                 HAS_OUTLIERS=C > 0)
+    args = operand_args(p, y) + (a.stride(0), a.stride(1), w.stride(0), w.stride(1), y.stride(0))
+    flags = operand_flags(p)
     if is_interpreted(_qgemm_kernel):
         cfg = INTERPRETER_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _qgemm_kernel[grid](*args, **flags, **cfg, num_warps=4)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        (_qgemm_outliers if C > 0 else _qgemm_dense)[grid](*args, **flags)
+        (_qgemm_outliers if p["C"] > 0 else _qgemm_dense)[grid](*args, **flags)
     return y
 
 
-__all__ = ["qgemm", "DENSE_CONFIGS", "OUTLIER_CONFIGS", "INTERPRETER_CONFIG"]
+__all__ = ["qgemm", "qgemm_tile", "check_operands", "operand_args", "operand_flags", "DENSE_CONFIGS", "OUTLIER_CONFIGS", "INTERPRETER_CONFIG"]

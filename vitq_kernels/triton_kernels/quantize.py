@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, round_half_even
+from ._utils import (FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, nonempty,
+                     round_half_even)
 
 # status[0] bits (constexpr so that the kernel may read them)
 _NONFINITE = tl.constexpr(1)
@@ -137,10 +138,6 @@ def _blocks(K: int, interpreted: bool) -> tuple[int, int, int]:
     return bm, bk, max(4, bm * bk // 256)
 
 
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    # a zero-size tensor may have no valid address; the kernel never touches it anyway
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
-
 
 def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, max_outliers=0):
     """Triton version of reference.per_token_quantize (same outputs, same errors).
@@ -202,8 +199,8 @@ def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, m
     block_c = min(64, triton.next_power_of_2(max(C, 1)))
     threshold = float(outlier_threshold) if outliers else 0.0
     _per_token_quantize_kernel[(triton.cdiv(M, block_m),)](
-        _nonempty(x), x.stride(0), x.stride(1), scale_in, zero_in, T,
-        _nonempty(codes), s_out, z_out, rowsum, _nonempty(idx), _nonempty(val), count, status,
+        nonempty(x), x.stride(0), x.stride(1), scale_in, zero_in, T,
+        nonempty(codes), s_out, z_out, rowsum, nonempty(idx), nonempty(val), count, status,
         M, K, threshold, C,
         BITS=bits, STATIC=static, OUTLIERS=outliers,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=warps)

@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._utils import check_device, check_dtype, check_vector, is_interpreted, nibbles_to_int8
-from .shiftlog2 import check_log_args, code_width
+from ._utils import (autotune_config, check_device, check_dtype, check_vector, code_matrix_width, grouped_tile,
+                     is_interpreted, nibbles_to_int8, nonempty)
+from .shiftlog2 import check_log_args
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -81,14 +82,7 @@ def _shiftlog2_qgemm_kernel(
         PLANES: tl.constexpr, GROUPS: tl.constexpr,
         M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, UNIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,9 +182,7 @@ def _shiftlog2_qgemm_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+_config = autotune_config
 
 
 # wgmma-eligible H100 tiles; fc2 is K = 4d (1536..4096), N = d.  Each plane keeps its own
@@ -234,7 +226,7 @@ def shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero=None, b
         raise ValueError(f"{op}: codes must be a 2-D tensor [M, K]")
     check_dtype(op, "codes (one Shift-Log2 code per byte)", codes, (torch.uint8,))
     M, K = codes.shape
-    Kw = code_width(op, "w", w, w_bits)
+    Kw = code_matrix_width(op, "w", w, w_bits)
     if K != Kw:
         raise ValueError(f"{op}: K mismatch: codes have {K}, weights {Kw}")
     if K > MAX_K:
@@ -260,7 +252,7 @@ def shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero=None, b
     planes, groups = plan(bits, substeps)
     mants = list(reference.LOG_MANTISSAS[substeps]) + [1.0] * 4
     absent = w_scale    # stands in for an absent optional tensor; never read
-    args = (_nonempty(codes), act_scale.reshape(1), _nonempty(w), w_scale,
+    args = (nonempty(codes), act_scale.reshape(1), nonempty(w), w_scale,
             w_zero if w_zero is not None else absent, bias if bias is not None else absent, y,
             M, N, K, triton.next_power_of_2(M),
             codes.stride(0), codes.stride(1), w.stride(0), w.stride(1), y.stride(0))
@@ -275,10 +267,6 @@ def shiftlog2_qgemm(codes, bits, substeps, act_scale, w, w_scale, w_zero=None, b
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _TUNED[configs_for(planes)][grid](*args, **flags, enable_fp_fusion=False)
     return y
-
-
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    return t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)
 
 
 __all__ = ["shiftlog2_qgemm", "plan", "configs_for", "CONFIGS_2_PLANES", "CONFIGS_4_PLANES", "CONFIGS_FLOAT"]
