@@ -232,7 +232,7 @@ def _bad_cases():
          "zero given without scale"),
         ("scale without zero", (x, w, b, 1e-6, 8, torch.ones(1), None, None, 0), ValueError, "needs a zero point"),
         ("scale not tiling", (x, w, b, 1e-6, 8, torch.ones(3), torch.zeros(3, dtype=torch.int32), None, 0),
-         ValueError, "tiles M=4"),
+         ValueError, "tiles? M=4"),
         ("scale <= 0", (x, w, b, 1e-6, 8, torch.tensor([0.1, -1.0]), torch.zeros(2, dtype=torch.int32), None, 0),
          ValueError, "finite and > 0"),
         ("zero range", (x, w, b, 1e-6, 4, torch.ones(1), torch.tensor([8], dtype=torch.int32), None, 0),

@@ -4,9 +4,8 @@
 //
 // The LayerNorm statistics are accumulated in double and each y is rounded to fp32 once,
 // so y is within an ulp or so of the float64 LayerNorm (far inside the contract bound of
-// reference.layernorm_error_bound).  The quantization of y is bit-exact with
-// reference.per_token_quantize: IEEE fp32 division, round half to even (nearbyint in the
-// default rounding mode), the 0-containing range, s = 1 for a zero range.
+// reference.layernorm_error_bound).  y is then quantized by quantize_row.h, the code
+// per_token_quantize runs, bit-exact with reference.per_token_quantize.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/quantize_row.h"
 
 namespace vitq::cpu {
 namespace {
@@ -26,48 +26,6 @@ namespace {
 constexpr const char* kOp = "layernorm_quantize";
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// clamp(q, 0, levels) for an integer-valued float
-inline int32_t to_code(float q, float levels) {
-  if (!(q > 0.f)) return 0;
-  return q >= levels ? static_cast<int32_t>(levels) : static_cast<int32_t>(q);
-}
-
-struct Static {
-  const float* scale = nullptr;   // [T]; the op's argument, alive for the call
-  const int32_t* zero = nullptr;  // [T], signed domain
-  int64_t T = 0;                  // 0: dynamic scales
-};
-
-Static check_static(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& zero, int64_t M,
-                    int64_t bits) {
-  Static st;
-  if (!scale.has_value()) {
-    TORCH_CHECK_VALUE(!zero.has_value(), kOp, ": zero given without scale");
-    return st;
-  }
-  TORCH_CHECK_VALUE(zero.has_value(), kOp, ": static scale needs a zero point");
-  check_dtype(*scale, at::kFloat, kOp, "scale");
-  check_dtype(*zero, at::kInt, kOp, "zero");
-  check_cpu_contiguous(*scale, kOp, "scale");
-  check_cpu_contiguous(*zero, kOp, "zero");
-  st.T = scale->numel();
-  TORCH_CHECK_VALUE(scale->dim() == 1 && zero->dim() == 1 && st.T > 0 && M % st.T == 0 && zero->numel() == st.T,
-                    kOp, ": static scale/zero of shapes ", scale->sizes(), "/", zero->sizes(),
-                    " must be 1-D of one length T that tiles M=", M, " rows");
-  const float* s = scale->data_ptr<float>();
-  const int32_t* z = zero->data_ptr<int32_t>();
-  const int32_t half = 1 << (bits - 1);
-  for (int64_t t = 0; t < st.T; ++t) {
-    TORCH_CHECK_VALUE(std::isfinite(s[t]) && s[t] > 0.f, kOp, ": static scales must be finite and > 0; scale[", t,
-                      "] = ", s[t]);
-    TORCH_CHECK_VALUE(z[t] >= -half && z[t] < half, kOp, ": static zero points must lie in [", -half, ", ",
-                      half - 1, "]; zero[", t, "] = ", z[t]);
-  }
-  st.scale = s;
-  st.zero = z;
-  return st;
-}
 
 // fp32 LayerNorm of one row into y; false if x or y is not finite.
 template <typename T>
@@ -95,53 +53,6 @@ bool layer_norm_row(const T* x, const float* w, const float* b, int64_t K, doubl
   return finite;
 }
 
-struct RowOut {
-  float scale;
-  int32_t zero, rowsum, count;
-};
-
-// per_token_quantize of one fp32 row: signed codes into `codes`, outliers into idx/val (C slots).
-RowOut quantize_row(const float* y, int64_t K, int64_t bits, const Static& st, int64_t row, bool split,
-                    float threshold, int64_t C, int8_t* codes, int32_t* idx, float* val) {
-  const int32_t half = 1 << (bits - 1);
-  const float levels = static_cast<float>((1 << bits) - 1);
-  auto is_outlier = [&](float v) { return split && std::fabs(v) > threshold; };
-  float s;
-  int32_t zu;  // unsigned-domain zero point
-  if (st.T) {
-    s = st.scale[row % st.T];
-    zu = st.zero[row % st.T] + half;
-  } else {
-    float lo = 0.f, hi = 0.f;  // the range always contains 0; outliers are left out
-    for (int64_t k = 0; k < K; ++k) {
-      if (is_outlier(y[k])) continue;
-      lo = std::min(lo, y[k]);
-      hi = std::max(hi, y[k]);
-    }
-    const float rng = hi - lo;
-    s = rng > 0.f ? rng / levels : 1.f;
-    zu = to_code(std::nearbyint(-lo / s), levels);
-  }
-  const float zf = static_cast<float>(zu);
-  int32_t sum = 0, n_out = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    int32_t q;
-    if (is_outlier(y[k])) {
-      q = zu;  // the zero point's code: the dense product gets exactly 0 from here
-      if (n_out < C) {
-        idx[n_out] = static_cast<int32_t>(k);
-        val[n_out] = y[k];
-      }
-      ++n_out;
-    } else {
-      q = to_code(std::nearbyint(y[k] / s) + zf, levels);
-    }
-    codes[k] = static_cast<int8_t>(q - half);
-    sum += q - half;
-  }
-  return {s, zu - half, sum, n_out};
-}
-
 Outputs layernorm_quantize_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                                int64_t bits, const std::optional<at::Tensor>& scale,
                                const std::optional<at::Tensor>& zero, std::optional<double> outlier_threshold,
@@ -164,7 +75,7 @@ Outputs layernorm_quantize_cpu(const at::Tensor& x, const at::Tensor& weight, co
   TORCH_CHECK_VALUE(max_outliers >= 0, kOp, ": max_outliers must be >= 0, got ", max_outliers);
   TORCH_CHECK_VALUE(outlier_threshold.has_value() || max_outliers == 0, kOp,
                     ": max_outliers > 0 needs an outlier_threshold");
-  const Static st = check_static(scale, zero, M, bits);
+  const StaticScales st = check_static_scales(kOp, scale, zero, M, bits);
 
   const int64_t C = max_outliers;
   const bool split = outlier_threshold.has_value();
@@ -212,12 +123,7 @@ Outputs layernorm_quantize_cpu(const at::Tensor& x, const at::Tensor& weight, co
         z_p[i] = r.zero;
         rs_p[i] = r.rowsum;
         cnt_p[i] = r.count;
-        uint8_t* dst = codes_p + i * code_row;
-        if (is_packed(bits)) {
-          for (int64_t j = 0; j < K / 2; ++j) dst[j] = pack_nibbles(q[2 * j], q[2 * j + 1]);
-        } else {
-          std::memcpy(dst, q.data(), static_cast<size_t>(K));
-        }
+        store_codes(q.data(), K, bits, codes_p + i * code_row);
       }
     });
   });
