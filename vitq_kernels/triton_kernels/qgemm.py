@@ -136,24 +136,22 @@ def _qgemm_kernel(
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-_config = autotune_config
-
 # H100 candidates, all wgmma-eligible (a ViT linear has M = batch * tokens, N, K in 384..4096).
 # Register use was read from `ptxas -v` on the sm_90 AOT build (tests/test_triton_aot.py
 # checks every config is spill-free): the dense epilogue fits 128x128 tiles; the outlier
 # gather adds about 4 registers per output element, so those tiles keep <= 32 per thread.
 DENSE_CONFIGS = [
-    _config(128, 128, 128, 8, 3),
-    _config(128, 128, 64, 8, 4),
-    _config(64, 128, 128, 4, 4),
-    _config(128, 64, 128, 4, 4),
-    _config(64, 64, 128, 4, 3),
+    autotune_config(128, 128, 128, 8, 3),
+    autotune_config(128, 128, 64, 8, 4),
+    autotune_config(64, 128, 128, 4, 4),
+    autotune_config(128, 64, 128, 4, 4),
+    autotune_config(64, 64, 128, 4, 3),
 ]
 OUTLIER_CONFIGS = [
-    _config(128, 64, 128, 8, 3),
-    _config(64, 128, 128, 8, 3),
-    _config(64, 64, 128, 4, 4),
-    _config(64, 64, 128, 8, 3),
+    autotune_config(128, 64, 128, 8, 3),
+    autotune_config(64, 128, 128, 8, 3),
+    autotune_config(64, 64, 128, 4, 4),
+    autotune_config(64, 64, 128, 8, 3),
 ]
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 _TUNE_KEY = ["m_bucket", "N", "K", "A_BITS", "W_BITS", "HAS_W_ZERO", "HAS_BIAS"]

@@ -80,24 +80,21 @@ def _qgemm_gelu_shiftlog2_kernel(
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-_config = autotune_config
-
-
 # wgmma-eligible H100 tiles (num_warps % 4 == 0, BLOCK_M % 64 == 0, BLOCK_N % 16 == 0, BLOCK_K >= 32);
 # fc1 is K = d (384..1024), N = 4d.  The outlier gather and the GELU/encode epilogue keep
 # more of the tile live, so the outlier variants get smaller tiles (no register spills).
 DENSE_CONFIGS = [
-    _config(128, 128, 128, 8, 3),
-    _config(128, 128, 64, 8, 4),
-    _config(64, 128, 128, 4, 4),
-    _config(128, 64, 128, 4, 4),
-    _config(64, 64, 128, 4, 3),
+    autotune_config(128, 128, 128, 8, 3),
+    autotune_config(128, 128, 64, 8, 4),
+    autotune_config(64, 128, 128, 4, 4),
+    autotune_config(128, 64, 128, 4, 4),
+    autotune_config(64, 64, 128, 4, 3),
 ]
 OUTLIER_CONFIGS = [
-    _config(128, 64, 128, 8, 3),
-    _config(64, 128, 128, 8, 3),
-    _config(64, 64, 128, 4, 4),
-    _config(64, 64, 128, 8, 3),
+    autotune_config(128, 64, 128, 8, 3),
+    autotune_config(64, 128, 128, 8, 3),
+    autotune_config(64, 64, 128, 4, 4),
+    autotune_config(64, 64, 128, 8, 3),
 ]
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 _TUNE_KEY = ["m_bucket", "N", "K", "A_BITS", "W_BITS", "HAS_W_ZERO", "HAS_BIAS", "HAS_OUTLIERS"]

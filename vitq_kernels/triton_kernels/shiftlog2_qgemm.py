@@ -182,29 +182,26 @@ def _shiftlog2_qgemm_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-_config = autotune_config
-
-
 # wgmma-eligible H100 tiles; fc2 is K = 4d (1536..4096), N = d.  Each plane keeps its own
 # int32 accumulator and the plane construction works on [BLOCK_M, BLOCK_K] int32 values, so
 # the tiles shrink with the plane count; every config below compiles for sm_90 without
 # register spills (checked with ptxas -v, see tests/test_shiftlog2.py::test_aot_sm90).
 CONFIGS_2_PLANES = [
-    _config(128, 128, 32, 8, 3),
-    _config(64, 128, 64, 4, 3),
-    _config(64, 128, 32, 4, 3),
-    _config(64, 64, 64, 4, 3),
-    _config(64, 64, 32, 4, 3),
+    autotune_config(128, 128, 32, 8, 3),
+    autotune_config(64, 128, 64, 4, 3),
+    autotune_config(64, 128, 32, 4, 3),
+    autotune_config(64, 64, 64, 4, 3),
+    autotune_config(64, 64, 32, 4, 3),
 ]
 CONFIGS_4_PLANES = [
-    _config(64, 64, 32, 4, 3),
-    _config(64, 32, 32, 4, 2),
+    autotune_config(64, 64, 32, 4, 3),
+    autotune_config(64, 32, 32, 4, 2),
 ]
 CONFIGS_FLOAT = [
-    _config(128, 64, 32, 4, 3),
-    _config(64, 128, 32, 4, 3),
-    _config(64, 64, 64, 4, 3),
-    _config(64, 64, 32, 4, 3),
+    autotune_config(128, 64, 32, 4, 3),
+    autotune_config(64, 128, 32, 4, 3),
+    autotune_config(64, 64, 64, 4, 3),
+    autotune_config(64, 64, 32, 4, 3),
 ]
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 _TUNE_KEY = ["m_bucket", "N", "K", "BITS", "SUBSTEPS", "W_BITS", "HAS_W_ZERO", "HAS_BIAS"]
