@@ -20,6 +20,9 @@ Tiles satisfy Hopper wgmma's int8 rules (num_warps % 4 == 0, BLOCK_M % 64 == 0,
 BLOCK_N % 16 == 0, BLOCK_K >= 32).  On a GPU the tile is autotuned per (M bucket, N, K,
 variant), from separate lists with and without outliers; under TRITON_INTERPRET one fixed
 config runs (the interpreter cannot time).
+
+The main loop and epilogue live in `qgemm_tile`, which fc1's GELU + Shift-Log2 kernel
+(shiftlog2.py) calls too, with the launcher's checks (`check_operands`).
 """
 from __future__ import annotations
 
@@ -245,4 +248,5 @@ def qgemm(a, a_scale, a_zero, a_rowsum, w, w_scale, w_zero, w_colsum, bias=None,
     return y
 
 
-__all__ = ["qgemm", "qgemm_tile", "check_operands", "operand_args", "operand_flags", "DENSE_CONFIGS", "OUTLIER_CONFIGS", "INTERPRETER_CONFIG"]
+__all__ = ["qgemm", "qgemm_tile", "check_operands", "operand_args", "operand_flags", "DENSE_CONFIGS",
+           "OUTLIER_CONFIGS", "INTERPRETER_CONFIG"]
