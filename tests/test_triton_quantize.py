@@ -153,6 +153,17 @@ def test_bad_inputs():
         (dict(x=x, bits=8, scale=torch.ones(1, device=DEV)), ValueError, "needs a zero point"),
         (dict(x=x, bits=8, scale=torch.ones(4, device=DEV), zero=torch.zeros(4, dtype=torch.int32, device=DEV)),
          ValueError, "do not tile"),
+        # the dtypes and rank the C++ CPU and CUDA kernels require (tests/test_quantize_cpu.py)
+        (dict(x=x, bits=8, scale=torch.ones(3, dtype=torch.float64, device=DEV),
+              zero=torch.zeros(3, dtype=torch.int32, device=DEV)),
+         TypeError, r"scale must be float32, got (torch\.)?float64"),
+        (dict(x=x, bits=8, scale=torch.ones(3, dtype=torch.float16, device=DEV),
+              zero=torch.zeros(3, dtype=torch.int32, device=DEV)),
+         TypeError, r"scale must be float32, got (torch\.)?float16"),
+        (dict(x=x, bits=8, scale=torch.ones(3, device=DEV), zero=torch.zeros(3, dtype=torch.int64, device=DEV)),
+         TypeError, r"zero must be int32, got (torch\.)?int64"),
+        (dict(x=x, bits=8, scale=torch.ones(1, 3, device=DEV), zero=torch.zeros(1, 3, dtype=torch.int32, device=DEV)),
+         ValueError, "must be 1-D"),
     ]
     for bad_s in (0.0, -1.0, float("nan"), float("inf")):
         cases.append((dict(x=x, bits=8, scale=torch.tensor([1.0, bad_s], device=DEV),

@@ -164,13 +164,17 @@ def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, m
     if static:
         if zero is None:
             raise ValueError(f"{op}: a static scale needs a zero point")
+        # the op's contract on every backend (C++ CPU, CUDA): float32 / int32, 1-D, T tiles M
+        if scale.dtype != torch.float32:
+            raise TypeError(f"{op}: static scale must be float32, got {scale.dtype}")
+        if zero.dtype != torch.int32:
+            raise TypeError(f"{op}: static zero must be int32, got {zero.dtype}")
+        if scale.dim() != 1 or zero.dim() != 1:
+            raise ValueError(f"{op}: static scale and zero must be 1-D, got shapes {tuple(scale.shape)} "
+                             f"and {tuple(zero.shape)}")
         T = scale.numel()
         if T == 0 or M % T or zero.numel() != T:
             raise ValueError(f"{op}: static scale/zero of length {T}/{zero.numel()} do not tile M={M} rows")
-        if not scale.is_floating_point():
-            raise TypeError(f"{op}: static scale must be a float tensor, got {scale.dtype}")
-        if zero.is_floating_point() or zero.dtype == torch.bool:
-            raise TypeError(f"{op}: static zero must be an integer tensor, got {zero.dtype}")
     device = check_device(_per_token_quantize_kernel, op, x=x, scale=scale, zero=zero)
 
     C = int(max_outliers)
@@ -187,8 +191,7 @@ def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, m
         return codes, s_out, z_out, rowsum, idx, val, count
 
     if static:
-        scale_in = scale.reshape(T).to(torch.float32).contiguous()
-        zero_in = zero.reshape(T).to(torch.int32).contiguous()
+        scale_in, zero_in = scale.contiguous(), zero.contiguous()
     else:
         T = 1
         scale_in = s_out     # unused by the dynamic kernel
