@@ -72,6 +72,8 @@ def make_config(row: str, bits: int, args) -> vitq.ADFQConfig:
             kw[name] = getattr(args, name)
     if switches.get("bit_decline") == "auto":
         switches["bit_decline"] = decline_schedule(bits)
+        if args.bit_decline_iters is not None:
+            switches["bit_decline_iters"] = args.bit_decline_iters
     if switches.pop("baseline", False):
         return vitq.ADFQConfig.baseline(**kw)
     return vitq.ADFQConfig(**kw, **switches)
@@ -90,6 +92,8 @@ def cli_command(row: str, bits: int, args) -> str:
         parts.append(f"--calib-seed {args.calib_seed}")
     if ROWS[row][1]:
         parts.append(ROWS[row][1].format(decline=",".join(map(str, decline_schedule(bits)))))
+    if "bit_decline" in ROWS[row][0] and args.bit_decline_iters is not None:
+        parts.append(f"--bit-decline-iters {args.bit_decline_iters}")
     return " ".join(parts)
 
 
@@ -118,7 +122,9 @@ def write_table(path: Path, results: list, meta: dict) -> None:
              f"Fashion-MNIST test images: first {meta['eval_images']} of the test split; calibration: "
              f"{meta['calib_images']} train-split images (draw seed {meta['calib_seed']}, config seed {meta['seed']}); preset `{meta['preset']}` "
              f"({meta['iters']} iterations per module, batch {meta['batch_size']}, Adam lr {meta['lr_v']:g} "
-             f"for V and {meta['lr_scale']:g} for s_a).", "",
+             f"for V and {meta['lr_scale']:g} for s_a)"
+             + (f"; bit-decline rows: {meta['bit_decline_iters']} iterations per transition ahead of them"
+                if meta.get("bit_decline_iters") else "") + ".", "",
              f"fp top-1: **{fp:.2f}%**. Device: {meta['device']}; {meta['machine']}; torch {meta['torch']}; "
              f"{meta['threads']} CPU thread(s); commit {meta['commit']}.", "",
              f"ARPR: attention ranking preservation rate (docs/dhe.md) on the first {meta['arpr_images']} "
@@ -150,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--calib-images", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--bit-decline-iters", type=int, default=None,
+                    help="the tpvit rows: iterations of each bit-decline transition, ahead of --iters")
     ap.add_argument("--seed", type=int, default=0, help="ADFQConfig.seed, and the calibration draw's")
     ap.add_argument("--calib-seed", type=int, default=None,
                     help="seed of the calibration draw alone (default: --seed); the config's seed stays --seed")
@@ -181,6 +189,7 @@ def main(argv=None):
             "eval_images": args.eval_images, "calib_images": n_calib, "seed": args.seed, "calib_seed": calib_seed, "preset": args.preset,
             "iters": probe.resolved("iters"), "batch_size": probe.resolved("batch_size"),
             "lr_v": probe.resolved("lr_v"), "lr_scale": probe.resolved("lr_scale"),
+            "bit_decline_iters": args.bit_decline_iters,
             "fp_top1": vitq.api.top1(fp_pred, y_eval),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,

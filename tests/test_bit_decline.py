@@ -11,6 +11,7 @@ import torch
 import vitq
 from vitq import bit_decline as bd
 from vitq import metrics
+from vitq import reconstruct as recon
 from vitq.api import load_quantized, save_quantized
 from vitq.config import ADFQConfig
 from vitq.quantizers import (GELU_MIN, Log2Quantizer, ShiftLog2Quantizer, TruncatedLog2Quantizer,
@@ -39,6 +40,16 @@ def test_schedule_validation():
             ADFQConfig(bit_decline=(8, 4), bit_decline_share=bad)
     cfg = ADFQConfig(bit_decline=(8, 6, 4))
     assert ADFQConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).bit_decline == (8, 6, 4)
+    # transitions budgeted apart: the first 2 * 30 of 80 + 60 iterations, whatever the share field says
+    (hook,) = _step_hooks(ADFQConfig(bit_decline=(8, 6, 4), bit_decline_iters=30))
+    assert hook.share == 60 / 140
+    cfg = ADFQConfig(bit_decline=(8, 6, 4), bit_decline_iters=30)
+    assert ADFQConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).bit_decline_iters == 30
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="bit_decline_iters must be a positive int"):
+            ADFQConfig(bit_decline=(8, 4), bit_decline_iters=bad)
+    with pytest.raises(ValueError, match="set one of them"):
+        ADFQConfig(bit_decline=(8, 4), bit_decline_iters=10, bit_decline_share=0.5)
 
 
 def test_transition_weight_ramps_to_one_and_ends_at_the_target():
@@ -234,6 +245,41 @@ def test_unit_steps_down_and_ends_at_the_target(monkeypatch):
         assert lo <= int(a.codes.min()) and int(a.codes.max()) <= hi
 
 
+def test_transitions_budgeted_apart_run_before_the_target_iterations(monkeypatch):
+    # bit_decline_iters=2 with (8, 6, 4): 2 transitions x 2 iterations, then iters=3 at the target
+    # width (t = 1), with L_round (beta) off during the transitions and its whole schedule after
+    seen, betas = [], []
+    orig_hook, orig_beta = bd.BitDeclineHook.__call__, recon.beta_at
+
+    def spy(self, step, total, unit):
+        orig_hook(self, step, total, unit)
+        if unit.name == "blocks.0.mlp":
+            wbits = sorted({layer.weight_quant.bits for layer in unit.layers})
+            seen.append((step, total, self.stage, round(next(iter(self.acts.values())).t, 6), wbits))
+
+    def beta_spy(step, total, cfg):
+        betas.append((step, total))
+        return orig_beta(step, total, cfg)
+    monkeypatch.setattr(bd.BitDeclineHook, "__call__", spy)
+    monkeypatch.setattr(recon, "beta_at", beta_spy)
+    model, size = _tiny_vit()
+    x = torch.randn(4, 3, size, size)
+    cfg = ADFQConfig(w_bits=4, a_bits=4, iters=3, calib_images=4, batch_size=2, progress=False,
+                     bit_decline=(8, 6, 4), bit_decline_iters=2)
+    q = vitq.quantize(model, cfg, x)
+    assert [s[:2] for s in seen] == [(i, 7) for i in range(7)]
+    assert [s[2] for s in seen] == [0, 0, 1, 1, 1, 1, 1]
+    assert [s[3] for s in seen] == [0.5, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert [s[4] for s in seen] == [[6], [6], [4], [4], [4], [4], [4]]
+    # beta_at is asked only after the transitions, with the target-width step and count
+    units = len(recon.find_units(q, "module", x[:1]))
+    assert betas == [(i, 3) for i in range(3)] * units
+    for _, wq in weight_quantizers(q):
+        assert wq.blend is None and wq.mode == "hard" and wq.bits in (4, 8)
+    for _, aq in act_quantizers(q):
+        assert aq.blend is None
+
+
 def test_quantize_with_dhe_and_bit_decline_equals_a_plain_target_model(tmp_path):
     model, size = _tiny_vit()
     x = torch.randn(4, 3, size, size)
@@ -279,11 +325,16 @@ def test_cli_flags_reach_the_config(capsys):
     cfg = cli._config_from_args(cli.build_parser().parse_args(
         ["quantize", "--bit-decline", "8,6,4", "--bit-decline-share", "0.5"]))
     assert cfg.bit_decline_share == 0.5
+    cfg = cli._config_from_args(cli.build_parser().parse_args(
+        ["quantize", "--bit-decline", "8,6,4", "--bit-decline-iters", "40"]))
+    assert cfg.bit_decline_iters == 40 and cfg.bit_decline_share == 1.0
     cfg = cli._config_from_args(cli.build_parser().parse_args(["quantize"]))
     assert not cfg.dhe and cfg.bit_decline is None
     for bad, needle in ((["--bit-decline", "8,x,4"], "--bit-decline"), (["--bit-decline", "8,6"], "bit_decline"),
                         (["--bit-decline", "8,6,4", "--bit-decline-share", "0"], "bit_decline_share"),
                         (["--bit-decline-share", "0.5"], "--bit-decline-share needs --bit-decline"),
+                        (["--bit-decline-iters", "5"], "--bit-decline-iters needs --bit-decline"),
+                        (["--bit-decline", "8,6,4", "--bit-decline-iters", "0"], "bit_decline_iters"),
                         (["--dhe-weight", "0.5"], "--dhe-weight needs --dhe")):
         assert cli.main(["quantize"] + bad) == 2
         err = capsys.readouterr().err

@@ -92,7 +92,8 @@ def _config_from_args(args):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     # a modifier without its switch would be silently ignored: refuse it instead
-    for modifier, switch in (("dhe_weight", "dhe"), ("bit_decline_share", "bit_decline")):
+    for modifier, switch in (("dhe_weight", "dhe"), ("bit_decline_share", "bit_decline"),
+                             ("bit_decline_iters", "bit_decline")):
         if getattr(args, modifier) is not None and not getattr(args, switch):
             raise CliError(f"--{modifier.replace('_', '-')} needs --{switch.replace('_', '-')}")
     if args.dhe:
@@ -103,6 +104,8 @@ def _config_from_args(args):
         kw["bit_decline"] = _parse_widths(args.bit_decline)
         if args.bit_decline_share is not None:
             kw["bit_decline_share"] = args.bit_decline_share
+        if args.bit_decline_iters is not None:
+            kw["bit_decline_iters"] = args.bit_decline_iters
     if args.softmax_quant is not None:
         kw["softmax_quant"] = args.softmax_quant
     if args.baseline:
@@ -173,7 +176,8 @@ def cmd_quantize(args) -> dict:
               "note": note, "eval": res, "quantize": qmodel.vitq_report, "versions": _versions(),
               "method": {"dhe": cfg.dhe, "dhe_weight": cfg.dhe_weight if cfg.dhe else None,
                          "bit_decline": list(cfg.bit_decline) if cfg.bit_decline else None,
-                         "bit_decline_share": cfg.bit_decline_share if cfg.bit_decline else None}}
+                         "bit_decline_share": cfg.bit_decline_share if cfg.bit_decline else None,
+                         "bit_decline_iters": cfg.bit_decline_iters if cfg.bit_decline else None}}
     report["attention_ranking"] = _arpr_report(args, qmodel, evalset, cfg.eval_batch_size)
     if args.metrics:
         report["metrics"] = metrics.layer_report(qmodel, calib[:args.metric_images].to(dev))
@@ -286,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bit-decline-share", type=float, default=None, metavar="S",
                    help="share of each unit's iterations spent on the bit-decline transitions; the rest "
                         "train at the target width (with --bit-decline; default 1.0)")
+    q.add_argument("--bit-decline-iters", type=int, default=None, metavar="N",
+                   help="iterations of each bit-decline transition, run before the unit's --iters at the "
+                        "target width (with --bit-decline; default: the transitions share --iters)")
     q.add_argument("--softmax-quant", default=None, choices=("log2", "uniform", "tul2"),
                    help="post-softmax quantizer: log2 (ADFQ-ViT, default), tul2 (TP-ViT truncated "
                         "uniform-log2, docs/tp_vit.md), uniform")

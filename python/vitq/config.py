@@ -122,6 +122,9 @@ class ADFQConfig:
     bit_decline: Optional[Tuple[int, ...]] = None
     bit_decline_share: float = 1.0          # share of each unit's iterations spent on the transitions;
                                             # the rest train at the target width (t = 1)
+    bit_decline_iters: Optional[int] = None  # iterations of each transition, run *before* the unit's
+                                            # `iters` at the target width (which then get the whole
+                                            # L_round schedule); None: the transitions share `iters`
 
     # running
     device: Optional[str] = None            # None: cuda when available, else cpu
@@ -181,6 +184,13 @@ class ADFQConfig:
             raise ValueError(f"dhe_pairs must be a positive int or None, got {self.dhe_pairs!r}")
         if not (isinstance(self.bit_decline_share, (int, float)) and 0 < self.bit_decline_share <= 1):
             raise ValueError(f"bit_decline_share must be in (0, 1], got {self.bit_decline_share!r}")
+        if self.bit_decline_iters is not None:
+            if isinstance(self.bit_decline_iters, bool) or not isinstance(self.bit_decline_iters, int) \
+                    or self.bit_decline_iters < 1:
+                raise ValueError(f"bit_decline_iters must be a positive int or None, got {self.bit_decline_iters!r}")
+            if self.bit_decline_share != 1.0:
+                raise ValueError("bit_decline_iters and bit_decline_share are two ways to budget the transitions: "
+                                 "set one of them")
         if self.bit_decline is not None:
             from .bit_decline import check_schedule
             self.bit_decline = check_schedule(self.bit_decline, min(self.w_bits, self.a_bits))

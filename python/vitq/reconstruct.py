@@ -296,12 +296,23 @@ def _extra_losses(cfg: ADFQConfig):
     return out
 
 
+def decline_iters(cfg: ADFQConfig) -> int:
+    """Iterations a unit runs before its ``iters`` at the target width: the bit-decline
+    transitions when ``bit_decline_iters`` budgets them apart, else 0."""
+    if not (cfg.bit_decline and cfg.bit_decline_iters):
+        return 0
+    return (len(cfg.bit_decline) - 1) * cfg.bit_decline_iters
+
+
 def _step_hooks(cfg: ADFQConfig) -> list:
     """cfg.step_hooks, plus a fresh bit-decline driver when cfg.bit_decline is set."""
     hooks = list(cfg.step_hooks)
     if cfg.bit_decline:
         from .bit_decline import BitDeclineHook
-        hooks.append(BitDeclineHook(cfg.bit_decline, cfg.bit_decline_share))
+        extra = decline_iters(cfg)
+        # transitions budgeted apart are the first `extra` of the unit's iters + extra iterations
+        share = extra / (cfg.resolved("iters") + extra) if extra else cfg.bit_decline_share
+        hooks.append(BitDeclineHook(cfg.bit_decline, share))
     return hooks
 
 
@@ -344,6 +355,8 @@ def compute_targets(unit: "Unit", fp_in: CachedInputs, device, batch_size: int, 
 def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: ADFQConfig, device,
                      generator: torch.Generator, bar=None, targets: Optional[Targets] = None) -> dict:
     iters, bs = cfg.resolved("iters"), cfg.resolved("batch_size")
+    extra = decline_iters(cfg)      # bit-decline transitions ahead of the target-width iterations
+    total = iters + extra
     n = q_in.n
     layers = unit.layers
     extras = _extra_losses(cfg) if unit.has_attention else []
@@ -364,9 +377,9 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
     running = None
     hooks = _step_hooks(cfg)
     try:
-        for step in range(iters):
+        for step in range(total):
             for hook in hooks:
-                hook(step, iters, unit)
+                hook(step, total, unit)
             idx = torch.randint(0, n, (min(bs, n),), generator=generator)
             out_fp, probs_fp = targets.batch(idx, device)
             xq, kw_q = q_in.batch(idx, device)
@@ -379,10 +392,12 @@ def reconstruct_unit(unit: Unit, fp_in: CachedInputs, q_in: CachedInputs, cfg: A
             if use_kl:
                 loss = loss + cfg.kl_weight * sum(attention_kl_loss(p, q, b) for p, q in zip(probs_fp, probs_q))
             if extras:
-                ctx = LossContext(unit, out_fp, out_q, probs_fp, probs_q, step, iters, b)
+                ctx = LossContext(unit, out_fp, out_q, probs_fp, probs_q, step, total, b)
                 for fn, w in extras:
                     loss = loss + w * fn(ctx)
-            beta = beta_at(step, iters, cfg)
+            # L_round's schedule spans the target-width iterations: all of them, or, with the
+            # transitions budgeted apart, the ones after them (V is free while the widths decline)
+            beta = beta_at(step - extra, iters, cfg) if step >= extra else None
             if beta is not None and cfg.round_weight > 0:
                 loss = loss + cfg.round_weight * sum(layer.weight_quant.round_loss(beta) for layer in layers)
             opt_v.zero_grad(set_to_none=True)
@@ -472,8 +487,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, cfg: ADFQConfig, device=
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=iters * len(units), desc=f"{'AMO' if cfg.recon == 'module' else 'block'} reconstruction",
-                   unit="it", dynamic_ncols=True)
+        bar = tqdm(total=(iters + decline_iters(cfg)) * len(units),
+                   desc=f"{'AMO' if cfg.recon == 'module' else 'block'} reconstruction", unit="it", dynamic_ncols=True)
     try:
         for unit in units:
             t0 = time.perf_counter()
