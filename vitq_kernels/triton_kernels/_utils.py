@@ -120,3 +120,26 @@ def check_vector(op: str, name: str, t: torch.Tensor, length: int, dtype: torch.
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"{op}: {name} must have shape [{length}], got {tuple(t.shape)}")
     return t.contiguous()
+
+
+def check_static_scales(op: str, scale, zero, M: int) -> int:
+    """The static (per-position) scale/zero of the row quantizers, checked as the C++ backends
+    check them (csrc/cpu/quantize_row.h): both or neither, float32/int32, 1-D, one length T that
+    tiles the M rows.  Returns T, or 0 for dynamic scales.  Their values are checked in-kernel."""
+    if scale is None:
+        if zero is not None:
+            raise ValueError(f"{op}: zero given without scale")
+        return 0
+    if zero is None:
+        raise ValueError(f"{op}: static scale needs a zero point")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{op}: static scale must be float32, got {scale.dtype}")
+    if zero.dtype != torch.int32:
+        raise TypeError(f"{op}: static zero must be int32, got {zero.dtype}")
+    if scale.dim() != 1 or zero.dim() != 1:
+        raise ValueError(f"{op}: static scale and zero must be 1-D, got shapes {tuple(scale.shape)} "
+                         f"and {tuple(zero.shape)}")
+    T = scale.numel()
+    if T == 0 or M % T or zero.numel() != T:
+        raise ValueError(f"{op}: static scale/zero of length {T}/{zero.numel()} do not tile M={M} rows")
+    return T

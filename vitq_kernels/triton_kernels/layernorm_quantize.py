@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, nonempty,
-                     round_half_even)
+from ._utils import (FP32_MAX, check_device, check_static_scales, code_container, int_pairs_to_nibbles,
+                     is_interpreted, nonempty, round_half_even)
 
 # status word bits (globals read by a kernel must be tl.constexpr)
 X_NONFINITE, BAD_SCALE, BAD_ZERO, Y_NONFINITE = 1, 2, 4, 8
@@ -172,20 +172,8 @@ def layernorm_quantize(x, weight, bias, eps, bits, scale=None, zero=None, outlie
         raise ValueError(f"{op}: max_outliers must be >= 0, got {max_outliers}")
     if outlier_threshold is None and max_outliers != 0:
         raise ValueError(f"{op}: max_outliers > 0 needs an outlier_threshold")
-    static = scale is not None
-    if not static and zero is not None:
-        raise ValueError(f"{op}: zero given without scale")
-    if static:
-        if zero is None:
-            raise ValueError(f"{op}: static scale needs a zero point")
-        if scale.dtype != torch.float32:
-            raise TypeError(f"{op}: static scale must be float32, got {scale.dtype}")
-        if zero.dtype != torch.int32:
-            raise TypeError(f"{op}: static zero must be int32, got {zero.dtype}")
-        T = scale.numel()
-        if scale.dim() != 1 or zero.dim() != 1 or T == 0 or M % T or zero.numel() != T:
-            raise ValueError(f"{op}: static scale/zero of shapes {tuple(scale.shape)}/{tuple(zero.shape)} must "
-                             f"be 1-D of one length T that tiles M={M} rows")
+    T = check_static_scales(op, scale, zero, M)
+    static = T > 0
     device = check_device(_layernorm_quantize_kernel, op, x=x, weight=weight, bias=bias, scale=scale, zero=zero)
 
     C = int(max_outliers)

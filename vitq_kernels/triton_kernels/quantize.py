@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (FP32_MAX, check_device, code_container, int_pairs_to_nibbles, is_interpreted, nonempty,
-                     round_half_even)
+from ._utils import (FP32_MAX, check_device, check_static_scales, code_container, int_pairs_to_nibbles,
+                     is_interpreted, nonempty, round_half_even)
 
 # status[0] bits (constexpr so that the kernel may read them)
 _NONFINITE = tl.constexpr(1)
@@ -158,23 +158,9 @@ def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, m
         raise ValueError(f"{op}: max_outliers must be >= 0, got {max_outliers}")
     if outlier_threshold is None and max_outliers != 0:
         raise ValueError(f"{op}: max_outliers > 0 needs an outlier_threshold")
-    static = scale is not None
-    if not static and zero is not None:
-        raise ValueError(f"{op}: zero given without scale")
-    if static:
-        if zero is None:
-            raise ValueError(f"{op}: a static scale needs a zero point")
-        # the op's contract on every backend (C++ CPU, CUDA): float32 / int32, 1-D, T tiles M
-        if scale.dtype != torch.float32:
-            raise TypeError(f"{op}: static scale must be float32, got {scale.dtype}")
-        if zero.dtype != torch.int32:
-            raise TypeError(f"{op}: static zero must be int32, got {zero.dtype}")
-        if scale.dim() != 1 or zero.dim() != 1:
-            raise ValueError(f"{op}: static scale and zero must be 1-D, got shapes {tuple(scale.shape)} "
-                             f"and {tuple(zero.shape)}")
-        T = scale.numel()
-        if T == 0 or M % T or zero.numel() != T:
-            raise ValueError(f"{op}: static scale/zero of length {T}/{zero.numel()} do not tile M={M} rows")
+    # the op's contract on every backend (C++ CPU, CUDA): float32 / int32, 1-D, T tiles M
+    T = check_static_scales(op, scale, zero, M)
+    static = T > 0
     device = check_device(_per_token_quantize_kernel, op, x=x, scale=scale, zero=zero)
 
     C = int(max_outliers)
@@ -193,9 +179,7 @@ def per_token_quantize(x, bits, scale=None, zero=None, outlier_threshold=None, m
     if static:
         scale_in, zero_in = scale.contiguous(), zero.contiguous()
     else:
-        T = 1
-        scale_in = s_out     # unused by the dynamic kernel
-        zero_in = z_out
+        T, scale_in, zero_in = 1, s_out, z_out     # not read by the dynamic kernel
     status = torch.zeros(2, dtype=torch.int32, device=device)
     interpreted = is_interpreted(_per_token_quantize_kernel)
     block_m, block_k, warps = _blocks(K, interpreted)
